@@ -54,7 +54,7 @@ class PruneContext:
 
 
 class PruningMethod(ABC):
-    """A token selector acting on the visual tokens before the LLM.
+    """A token selector acting on visual tokens before the LLM or inside it (see `stage`).
 
     Subclasses set `name`, a `Config` dataclass whose defaults are the paper's, and `requires`,
     the side signals (keys of `VisualTokens.signals` / `frame_signals`) they read.
@@ -63,6 +63,8 @@ class PruningMethod(ABC):
     name: ClassVar[str]
     summary: ClassVar[str] = ""
     requires: ClassVar[frozenset[str]] = frozenset()
+    # "pre_llm": acts on the LLM-input visual tokens; "inner_llm": on hidden states at Config.layer
+    stage: ClassVar[str] = "pre_llm"
 
     @dataclass
     class Config:
