@@ -1,0 +1,52 @@
+"""Shared fixtures: small, real encoded videos (PyAV + libx264 / libvpx-vp9).
+
+Every frame of these clips carries its own index as 8x8 black/white blocks in the top rows
+(`streamprune.videofile.pattern_frames`); `streamprune.videofile.read_marker(rgb)` reads it back,
+so a test can check WHICH frame a decoder returned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from streamprune.videofile import pattern_frames, write_video
+
+
+def _make(
+    directory: Path,
+    frames: int = 48,
+    width: int = 64,
+    height: int = 48,
+    fps: float = 24.0,
+    codec: str = "h264",
+    gop: int | None = 12,
+    name: str | None = None,
+) -> Path:
+    name = name or f"clip_{codec}_{frames}f_{width}x{height}_{fps:g}fps_g{gop}"
+    return write_video(directory / name, pattern_frames(frames, width, height), fps, codec, gop=gop)
+
+
+@pytest.fixture
+def make_video(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: `make_video(frames=48, width=64, height=48, fps=24, codec="h264", gop=12, name=None)`
+    writes a marker clip under this test's tmp_path and returns its path (keyframe every `gop`)."""
+
+    def make(**kwargs) -> Path:
+        return _make(tmp_path, **kwargs)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def h264_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """48 frames, 64x48, 24 fps H.264 in MP4, keyframes at 0/12/24/36. Shared: copy before modifying."""
+    return _make(tmp_path_factory.mktemp("videos"), codec="h264")
+
+
+@pytest.fixture(scope="session")
+def vp9_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """48 frames, 64x48, 24 fps VP9 in WebM, keyframes at 0/12/24/36. Shared: copy before modifying."""
+    return _make(tmp_path_factory.mktemp("videos"), codec="vp9")
