@@ -1,0 +1,225 @@
+"""What every Video-LLM adapter does, family-independent: lay out the prompt, drop pruned visual
+tokens while each survivor keeps its original position, prefill a KV cache, generate.
+
+A family file (llava_onevision.py, qwen2_5_vl.py) only says how frames become visual tokens and
+what positions the unpruned prompt has; everything after that is here, so both families prune,
+prefill and decode through the same code.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from streamprune.models.prompt import PromptIds, build_prompt_ids
+from streamprune.pruning.base import Budget, PruneContext, PruningMethod
+from streamprune.types import Selection, VisualTokens
+
+
+@dataclass
+class EncodedVideo:
+    """Visual tokens of a clip plus what the prompt layout needs to place them.
+
+    tokens: the prunable visual tokens (features `[N, D]`, grid positions).
+    always_kept: `[E, D]` visual-span tokens that are never pruned (LLaVA-OV's trailing newline).
+    fps: sampling rate of the frames, for families whose temporal positions are in seconds.
+    """
+
+    tokens: VisualTokens
+    always_kept: torch.Tensor
+    fps: float
+
+
+@dataclass
+class PromptLayout:
+    """The unpruned prompt as the LLM would see it.
+
+    embeds:       `[L, D]` input embeddings with all visual tokens in place.
+    positions:    `[P, L]` position ids (P=1 for 1-D RoPE, P=3 for M-RoPE).
+    visual_slots: `[N]` sequence index of each prunable visual token (in VisualTokens order).
+    next_position: position id of the first generated token.
+    """
+
+    embeds: torch.Tensor
+    positions: torch.Tensor
+    visual_slots: torch.Tensor
+    next_position: int
+
+    def keep(self, selection: Selection) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sequence with only the selected visual tokens: (embeds `[L', D]`, positions `[P, L']`,
+        new sequence index of each kept visual token `[K]`). Positions are the originals."""
+        length = self.embeds.shape[0]
+        kept_slots = self.visual_slots[selection.indices]
+        keep_mask = torch.ones(length, dtype=torch.bool)
+        keep_mask[self.visual_slots] = False
+        keep_mask[kept_slots] = True
+        embeds = self.embeds
+        if selection.features is not None:
+            embeds = embeds.clone()
+            embeds[kept_slots] = selection.features.to(embeds.dtype)
+        order = keep_mask.nonzero().squeeze(1)
+        new_index = torch.full((length,), -1, dtype=torch.long)
+        new_index[order] = torch.arange(order.numel())
+        return embeds[order], self.positions[:, order], new_index[kept_slots]
+
+
+@dataclass
+class Answer:
+    """One answered question with what it cost."""
+
+    text: str
+    token_ids: list[int]
+    visual_tokens_in: int
+    visual_tokens_kept: int
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class Timer:
+    """Wall-clock milliseconds per named phase."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+
+    def __call__(self, name: str) -> "_Phase":
+        return _Phase(self, name)
+
+
+class _Phase:
+    def __init__(self, timer: Timer, name: str) -> None:
+        self.timer, self.name = timer, name
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: Any) -> None:
+        elapsed = (time.perf_counter() - self.start) * 1000.0
+        self.timer.ms[self.name] = self.timer.ms.get(self.name, 0.0) + elapsed
+
+
+class VideoLLMAdapter(ABC):
+    """A transformers Video-LLM split into encode -> layout -> prune -> prefill -> decode."""
+
+    family: str = ""
+    default_template: str = ""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, model_dir: str | Path | None = None,
+                 prompt_template: str | None = None, eos_token: str | None = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.model_dir = Path(model_dir) if model_dir else None
+        self.template = prompt_template or self.default_template
+        self.eos_ids = self._eos_ids(eos_token)
+
+    # -- family specific -------------------------------------------------------------------------
+    @abstractmethod
+    def encode(self, frames: np.ndarray, fps: float = 1.0, signals: frozenset[str] = frozenset()) -> EncodedVideo:
+        """`[T, H, W, 3]` uint8 frames -> visual tokens; computes the side `signals` asked for."""
+
+    @abstractmethod
+    def layout(self, video: EncodedVideo, prompt: PromptIds) -> PromptLayout:
+        """The unpruned prompt with its original positions."""
+
+    @abstractmethod
+    def reference_inputs(self, frames: np.ndarray, question: str, fps: float = 1.0) -> dict[str, torch.Tensor]:
+        """Keyword inputs for calling the unmodified transformers model the documented way
+        (`model(**inputs)`), used to check the adapter against it."""
+
+    # -- shared ----------------------------------------------------------------------------------
+    @property
+    def language_model(self) -> torch.nn.Module:
+        return self.model.model.language_model
+
+    def prompt_ids(self, question: str) -> PromptIds:
+        return build_prompt_ids(self.tokenizer, question, self.template)
+
+    def _eos_ids(self, eos_token: str | None) -> set[int]:
+        ids = set()
+        if eos_token is not None:
+            ids.add(self.tokenizer.convert_tokens_to_ids(eos_token))
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        for token in ("<|im_end|>", "<|endoftext|>"):
+            tid = self.tokenizer.convert_tokens_to_ids(token)
+            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id:
+                ids.add(tid)
+        return ids
+
+    def _embed(self, ids: list[int]) -> torch.Tensor:
+        return self.model.get_input_embeddings()(torch.tensor(ids, dtype=torch.long))
+
+    @torch.inference_mode()
+    def forward_layers(self, embeds: torch.Tensor, positions: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+        """Run the decoder stack on `[L, D]` embeds at `[P, L]` positions, appending to `cache`.
+        Returns the final-norm hidden states `[L, D]`. The mask is causal in sequence order, which
+        is what a pruned sequence needs: kept tokens keep their order, only positions have gaps."""
+        lm = self.language_model
+        hidden = embeds[None].to(lm.dtype if hasattr(lm, "dtype") else embeds.dtype)
+        pos = positions[:, None, :]  # [P, 1, L]
+        pos = pos[0] if pos.shape[0] == 1 else pos
+        rope = lm.rotary_emb(hidden, pos)
+        mask = self._causal_mask(hidden.shape[1], cache.get_seq_length(), hidden.dtype)
+        for layer in lm.layers:
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=True)
+        return lm.norm(hidden)[0]
+
+    def _causal_mask(self, q_len: int, past: int, dtype: torch.dtype) -> torch.Tensor | None:
+        # SDPA / flash kernels apply causality themselves when no mask is given; eager needs one.
+        if self.language_model.config._attn_implementation != "eager":
+            return None
+        mask = torch.full((q_len, past + q_len), torch.finfo(dtype).min, dtype=dtype)
+        mask = torch.triu(mask, diagonal=past + 1)
+        return mask[None, None]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden)
+
+    @torch.inference_mode()
+    def prompt_logits(self, video: EncodedVideo, question: str, selection: Selection | None = None) -> torch.Tensor:
+        """Logits `[L', V]` for every position of the (pruned) prompt; no generation."""
+        layout = self.layout(video, self.prompt_ids(question))
+        selection = selection or Selection(indices=torch.arange(len(video.tokens)))
+        embeds, positions, _ = layout.keep(selection)
+        return self.logits(self.forward_layers(embeds, positions, DynamicCache()))
+
+    @torch.inference_mode()
+    def answer(self, frames: np.ndarray, question: str, method: PruningMethod, budget: Budget,
+               ctx: PruneContext | None = None, fps: float = 1.0, max_new_tokens: int = 16) -> Answer:
+        """Encode, prune, prefill and greedily decode an answer, timing each phase."""
+        timer = Timer()
+        with timer("encode"):
+            video = self.encode(frames, fps=fps, signals=method.requires)
+        with timer("prune"):
+            selection = method(video.tokens, budget, ctx)
+        return self.generate(video, question, selection, max_new_tokens, timer)
+
+    @torch.inference_mode()
+    def generate(self, video: EncodedVideo, question: str, selection: Selection, max_new_tokens: int = 16,
+                 timer: Timer | None = None) -> Answer:
+        timer = timer or Timer()
+        layout = self.layout(video, self.prompt_ids(question))
+        embeds, positions, _ = layout.keep(selection)
+        cache = DynamicCache()
+        with timer("prefill"):
+            hidden = self.forward_layers(embeds, positions, cache)
+            next_id = int(self.logits(hidden[-1]).argmax())
+        out: list[int] = []
+        with timer("decode"):
+            position = layout.next_position
+            while next_id not in self.eos_ids and len(out) < max_new_tokens:
+                out.append(next_id)
+                if len(out) == max_new_tokens:
+                    break
+                pos = torch.full((positions.shape[0], 1), position, dtype=torch.long)
+                hidden = self.forward_layers(self._embed([next_id]), pos, cache)
+                next_id = int(self.logits(hidden[-1]).argmax())
+                position += 1
+        text = self.tokenizer.decode(out, skip_special_tokens=True).strip()
+        return Answer(text=text, token_ids=out, visual_tokens_in=len(video.tokens),
+                      visual_tokens_kept=len(selection), timings_ms=dict(timer.ms))

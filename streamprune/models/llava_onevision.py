@@ -1,0 +1,100 @@
+"""LLaVA-OneVision (`LlavaOnevisionForConditionalGeneration`): SigLIP tower -> projector -> 2x2
+bilinear pooling -> one newline token after the video; 1-D RoPE positions in the Qwen2 LM.
+
+A kept visual token keeps the sequence position it had in the unpruned prompt, so the LM sees
+gaps where pruned tokens were (as FastVID, FastV, DivPrune and VLA-Pruner do).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from streamprune.models.base import EncodedVideo, PromptLayout, VideoLLMAdapter
+from streamprune.models.preprocess import SIGLIP_NORM, Normalisation, square_pixels
+from streamprune.models.prompt import QWEN_CHAT_TEMPLATE, PromptIds
+from streamprune.models.vision_attention import column_mean_attention, received_attention
+from streamprune.types import VisualTokens
+
+
+class LlavaOnevisionAdapter(VideoLLMAdapter):
+    family = "llava_onevision"
+    default_template = QWEN_CHAT_TEMPLATE
+
+    @property
+    def _video_token_id(self) -> int:
+        return self.model.config.video_token_id
+
+    def pixels(self, frames: np.ndarray) -> torch.Tensor:
+        """`[T, H, W, 3]` uint8 -> `[T, 3, S, S]` as the vision tower expects."""
+        norm = Normalisation.from_dir(self.model_dir, SIGLIP_NORM)
+        return square_pixels(frames, self.model.config.vision_config.image_size, norm)
+
+    def token_grid(self, n_frames: int) -> tuple[int, int, int]:
+        side = self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size
+        pooled = math.ceil(side / 2)
+        return n_frames, pooled, pooled
+
+    @torch.inference_mode()
+    def encode(self, frames: np.ndarray, fps: float = 1.0, signals: frozenset[str] = frozenset()) -> EncodedVideo:
+        pixels = self.pixels(frames)
+        with received_attention(self, wanted="vit_attention" in signals) as attention:
+            out = self.model.model.get_video_features(pixel_values_videos=pixels[None], return_dict=True)
+        feats = out.pooler_output[0]  # [T*h*w + 1, D]: frame tokens then the newline
+        grid = self.token_grid(pixels.shape[0])
+        n = grid[0] * grid[1] * grid[2]
+        tokens = VisualTokens(features=feats[:n], thw=VisualTokens.grid_positions(*grid), grid=grid)
+        if attention.value is not None:
+            tokens.signals["vit_attention"] = attention.value
+        return EncodedVideo(tokens=tokens, always_kept=feats[n:], fps=fps)
+
+    def layout(self, video: EncodedVideo, prompt: PromptIds) -> PromptLayout:
+        n_visual = len(video.tokens) + video.always_kept.shape[0]
+        ids = prompt.prefix + [self._video_token_id] * n_visual + prompt.suffix
+        embeds = self._embed(ids)
+        start = len(prompt.prefix)
+        visual = torch.cat([video.tokens.features, video.always_kept]).to(embeds.dtype)
+        embeds[start:start + n_visual] = visual
+        return PromptLayout(
+            embeds=embeds,
+            positions=torch.arange(len(ids))[None],
+            visual_slots=start + torch.arange(len(video.tokens)),
+            next_position=len(ids),
+        )
+
+    def reference_inputs(self, frames: np.ndarray, question: str, fps: float = 1.0) -> dict[str, torch.Tensor]:
+        prompt = self.prompt_ids(question)
+        t, h, w = self.token_grid(len(frames))
+        ids = prompt.prefix + [self._video_token_id] * (t * h * w + 1) + prompt.suffix
+        return {"input_ids": torch.tensor([ids]), "pixel_values_videos": self.pixels(frames)[None]}
+
+    def vision_attention_layer(self) -> torch.nn.Module:
+        """The SigLIP attention module whose output feeds the projector (config.vision_feature_layer)."""
+        tower = self.model.model.vision_tower
+        layers = getattr(tower, "vision_model", tower).encoder.layers
+        chosen = self.model.config.vision_feature_layer
+        if not isinstance(chosen, int):
+            chosen = chosen[-1]
+        # hidden_states[i] is the input of layer i (hidden_states[0] = embeddings), so the state
+        # selected by index i (or -k) is produced by layer i-1 (or len-k).
+        index = chosen - 1 if chosen > 0 else len(layers) + chosen
+        return layers[index].self_attn
+
+    def attention_received(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+        """`[N]` attention each pooled token's patches received at the feature layer."""
+        x = args[0] if args else kwargs["hidden_states"]  # [F, P, C]
+        frames, patches, _ = x.shape
+        heads = module.num_heads
+        received = []
+        for frame in x:
+            q = module.q_proj(frame).view(patches, heads, -1).transpose(0, 1)
+            k = module.k_proj(frame).view(patches, heads, -1).transpose(0, 1)
+            received.append(column_mean_attention(q, k, module.scale))
+        side = int(round(patches ** 0.5))
+        grid = torch.stack(received).view(frames, 1, side, side)
+        _, h, w = self.token_grid(frames)
+        # pooled exactly like the features (LlavaOnevisionModel.apply_pooling)
+        pooled = torch.nn.functional.interpolate(grid, size=(h, w), mode="bilinear")
+        return pooled.reshape(-1)

@@ -1,0 +1,129 @@
+"""Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`): windowed ViT over 2-frame x 14px patches,
+2x2 patch merger, and 3-D M-RoPE (temporal, row, column) positions in the LM.
+
+Every visual token's three position ids come from the model's own `get_rope_index` on the
+unpruned prompt; pruning only removes columns, so a kept token's (t, h, w) rotary angles are
+exactly those it had unpruned, and generated text continues from the unpruned prompt's end.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from transformers.vision_utils import get_vision_window_index
+
+from streamprune.models.base import EncodedVideo, PromptLayout, VideoLLMAdapter
+from streamprune.models.preprocess import CLIP_NORM, Normalisation, qwen_video_patches
+from streamprune.models.prompt import PromptIds
+from streamprune.models.vision_attention import column_mean_attention, received_attention
+from streamprune.types import VisualTokens
+
+QWEN_VL_CHAT_TEMPLATE = (
+    "<|im_start|>user\n<|vision_start|><video><|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"
+)
+VIDEO_TYPE = 2  # mm_token_type_ids value of video tokens
+
+
+class Qwen25VLAdapter(VideoLLMAdapter):
+    family = "qwen2_5_vl"
+    default_template = QWEN_VL_CHAT_TEMPLATE
+
+    @property
+    def _vision(self):
+        return self.model.config.vision_config
+
+    def patches(self, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[T, H, W, 3]` uint8 -> (flattened patches `[S, 3*tp*p*p]`, video_grid_thw `[1, 3]`)."""
+        limits = {"min_pixels": 56 * 56, "max_pixels": 224 * 224}
+        if self.model_dir is not None and (self.model_dir / "preprocessor_config.json").is_file():
+            cfg = json.loads((self.model_dir / "preprocessor_config.json").read_text())
+            size = cfg.get("size", {})
+            limits["min_pixels"] = cfg.get("min_pixels", size.get("shortest_edge", limits["min_pixels"]))
+            limits["max_pixels"] = cfg.get("max_pixels", size.get("longest_edge", limits["max_pixels"]))
+        return qwen_video_patches(
+            frames,
+            patch_size=self._vision.patch_size,
+            merge_size=self._vision.spatial_merge_size,
+            temporal_patch_size=self._vision.temporal_patch_size,
+            norm=Normalisation.from_dir(self.model_dir, CLIP_NORM),
+            **limits,
+        )
+
+    def token_grid(self, grid_thw: torch.Tensor) -> tuple[int, int, int]:
+        t, h, w = grid_thw[0].tolist()
+        m = self._vision.spatial_merge_size
+        return t, h // m, w // m
+
+    @torch.inference_mode()
+    def encode(self, frames: np.ndarray, fps: float = 1.0, signals: frozenset[str] = frozenset()) -> EncodedVideo:
+        patches, grid_thw = self.patches(frames)
+        self._grid_thw = grid_thw  # read by attention_received during this call
+        with received_attention(self, wanted="vit_attention" in signals) as attention:
+            out = self.model.model.get_video_features(patches, grid_thw, return_dict=True)
+        feats = out.pooler_output[0]  # [t*h*w, D] in raster order of merged tokens
+        grid = self.token_grid(grid_thw)
+        tokens = VisualTokens(features=feats, thw=VisualTokens.grid_positions(*grid), grid=grid)
+        if attention.value is not None:
+            tokens.signals["vit_attention"] = attention.value
+        return EncodedVideo(tokens=tokens, always_kept=feats[:0], fps=fps)
+
+    def _ids(self, prompt: PromptIds, n_visual: int) -> tuple[list[int], torch.Tensor]:
+        ids = prompt.prefix + [self.model.config.video_token_id] * n_visual + prompt.suffix
+        types = torch.zeros(1, len(ids), dtype=torch.int)
+        types[0, len(prompt.prefix):len(prompt.prefix) + n_visual] = VIDEO_TYPE
+        return ids, types
+
+    def _second_per_grid(self, fps: float) -> torch.Tensor:
+        return torch.tensor([self._vision.temporal_patch_size / fps])
+
+    def layout(self, video: EncodedVideo, prompt: PromptIds) -> PromptLayout:
+        n = len(video.tokens)
+        ids, types = self._ids(prompt, n)
+        t, h, w = video.tokens.grid
+        m = self._vision.spatial_merge_size
+        grid_thw = torch.tensor([[t, h * m, w * m]])
+        positions, _ = self.model.model.get_rope_index(
+            torch.tensor([ids]), mm_token_type_ids=types, video_grid_thw=grid_thw,
+            second_per_grid_ts=self._second_per_grid(video.fps),
+        )
+        embeds = self._embed(ids)
+        start = len(prompt.prefix)
+        embeds[start:start + n] = video.tokens.features.to(embeds.dtype)
+        positions = positions[:, 0, :]  # [3, L]
+        return PromptLayout(embeds=embeds, positions=positions, visual_slots=start + torch.arange(n),
+                            next_position=int(positions.max()) + 1)
+
+    def reference_inputs(self, frames: np.ndarray, question: str, fps: float = 1.0) -> dict[str, torch.Tensor]:
+        patches, grid_thw = self.patches(frames)
+        t, h, w = self.token_grid(grid_thw)
+        ids, types = self._ids(self.prompt_ids(question), t * h * w)
+        return {"input_ids": torch.tensor([ids]), "pixel_values_videos": patches, "video_grid_thw": grid_thw,
+                "mm_token_type_ids": types, "second_per_grid_ts": self._second_per_grid(fps)}
+
+    def vision_attention_layer(self) -> torch.nn.Module:
+        return self.model.model.visual.blocks[-1].attn
+
+    def attention_received(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+        """`[N]` attention received by each merged token's patches in the last ViT block, within
+        the block's own attention segments (full frame or window), averaged over its patches."""
+        x = args[0] if args else kwargs["hidden_states"]  # [S, C], window order
+        cu = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
+        cos, sin = kwargs.get("position_embeddings", args[2] if len(args) > 2 else None)
+        seq = x.shape[0]
+        q, k, _ = module.qkv(x).reshape(seq, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        cos, sin = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
+        rot = lambda v: torch.cat((-v[..., v.shape[-1] // 2:], v[..., : v.shape[-1] // 2]), dim=-1)  # noqa: E731
+        q = (q.float() * cos + rot(q.float()) * sin).transpose(0, 1)  # [H, S, d]
+        k = (k.float() * cos + rot(k.float()) * sin).transpose(0, 1)
+        received = torch.empty(seq)
+        bounds = cu.tolist()
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            received[a:b] = column_mean_attention(q[:, a:b], k[:, a:b], module.scaling)
+        unit = self._vision.spatial_merge_size ** 2
+        window_index, _ = get_vision_window_index(
+            self._grid_thw, self._vision.spatial_merge_size, self._vision.window_size, self._vision.patch_size
+        )
+        per_token = received.view(-1, unit).mean(dim=1)  # merge units in window order
+        return per_token[torch.argsort(window_index)]
