@@ -6,6 +6,8 @@
   VLA-Pruner's min-redundancy filter).
 - `gaussian_similarity`: multi-bandwidth Gaussian kernel on unit vectors (STC-Pruner).
 - `assign_to_anchors` + `anchor_merge`: fold member tokens into anchor tokens (FastVID, HoliTom).
+- `spread_budget`: split an integer token budget over frames/bins exactly (so per-frame rules
+  never exceed a global Budget).
 
 All functions are pure and deterministic: ties are broken by the lower index instead of the
 random noise some authors add, so a fixed input always gives the same output.
@@ -164,3 +166,32 @@ def anchor_merge(
     merged = w[:, None] * anchors.float() + (1.0 - w[:, None]) * means
     merged = torch.where(counts[:, None] > 0, merged, anchors.float())
     return merged.to(anchors.dtype)
+
+
+def spread_budget(total: int, n_bins: int, caps: torch.Tensor | None = None) -> torch.Tensor:
+    """Split `total` tokens over `n_bins` bins as evenly as possible: `[n_bins]` long.
+
+    Each bin gets total // n_bins; the remainder goes one each to evenly spaced bins. With
+    `caps` (`[n_bins]` long), no bin exceeds its cap and the overflow moves to bins with room.
+    The result sums to exactly min(total, sum(caps)), which is what keeps per-frame rules
+    (k tokens per frame) inside a global budget.
+    """
+    caps = torch.full((n_bins,), max(total, 0), dtype=torch.long) if caps is None else caps.long()
+    alloc = torch.zeros(n_bins, dtype=torch.long)
+    remaining = max(0, min(total, int(caps.sum())))
+    while remaining > 0:
+        open_bins = torch.nonzero(caps > alloc).squeeze(1)
+        n_open = open_bins.numel()
+        add = torch.full((n_open,), remaining // n_open, dtype=torch.long)
+        extra = remaining % n_open
+        if extra:
+            add[_evenly(n_open, extra)] += 1
+        room = caps[open_bins] - alloc[open_bins]
+        alloc[open_bins] += torch.minimum(add, room)
+        remaining = min(total, int(caps.sum())) - int(alloc.sum())
+    return alloc
+
+
+def _evenly(n: int, k: int) -> torch.Tensor:
+    """k distinct indices spread evenly over range(n), for 0 < k <= n."""
+    return torch.floor((torch.arange(k, dtype=torch.float64) + 0.5) * n / k).long().clamp_(max=n - 1)

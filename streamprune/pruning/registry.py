@@ -14,6 +14,7 @@ _METHODS: dict[str, type[PruningMethod]] = {}
 # Modules under streamprune.pruning whose import registers a method. Add one line per method.
 _BUILTIN_MODULES = [
     "baselines",
+    "stc_pruner", "divprune", "fastvid",
 ]
 
 
