@@ -1,0 +1,102 @@
+"""FrameFusion: merge tokens repeated across consecutive frames, then prune by importance.
+
+Fu et al., "FrameFusion: Combining Similarity and Importance for Video Token Reduction on Large
+Vision Language Models" (ICCV 2025), code `thu-nics/FrameFusion` (`framefusion/main.py`).
+Defaults: similarity_lower_bound S_th=0.6 (example value; the paper tunes it per model),
+cost=0.3, ratio_lower_bound=0.1.
+
+Rule implemented here, in one pass on the LLM-input tokens:
+1. Merge (faithful to the code's layer-0 step): sim_{t,i} = cos(x_{t,i}, x_{t-1,i}) for the same
+   patch i in consecutive frames; every token with sim >= S_th joins the run of the token before
+   it, and each maximal run is replaced by the plain mean of its tokens, placed at the run's first
+   (earliest) token, whose position it keeps. When merging alone would go below the budget, only
+   the (n - k) most similar tokens are merged and nothing is pruned, as the code does when the
+   merge would exceed its cost-derived sparsity bound.
+2. Prune: keep the k most important of the remaining tokens.
+
+What is an approximation: the authors merge again after attention in each following layer while
+at least ratio_lower_bound of the tokens still merge, and prune once, in the layer after merging
+ends, by the LAST query's attention at that layer, with the ratio derived from `cost`. As a
+pre-LLM method this module merges once (layer 0 only), takes its count from the budget instead of
+`cost`, and ranks by `llm_attention_last` when the adapter provides it, otherwise by
+`vit_attention` (the ViT's saliency, not the authors' signal). A merged token is ranked by its
+first token's importance.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from streamprune.errors import ConfigError
+from streamprune.pruning.base import Budget, PruneContext, PruningMethod, sorted_selection
+from streamprune.pruning.primitives import topk_stable
+from streamprune.pruning.registry import register
+from streamprune.types import Selection, VisualTokens
+
+logger = logging.getLogger(__name__)
+
+_IMPORTANCE_SIGNALS = ("llm_attention_last", "vit_attention")
+
+
+def merge_static_runs(frames: torch.Tensor, threshold: float, max_merged: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """FrameFusion's similarity merge of same-patch tokens in consecutive frames.
+
+    frames: `[T, P, D]`. Returns (survivor `[T*P]` bool mask in raster order, features `[T*P, D]`
+    where each survivor holds the mean of its run). At most `max_merged` tokens are merged: the
+    most similar ones (ties -> lower index).
+    """
+    t, p, d = frames.shape
+    merged = torch.zeros(t, p, dtype=torch.bool)
+    if t > 1 and max_merged > 0:
+        z = F.normalize(frames.float(), dim=-1)
+        sim = torch.full((t, p), -2.0)
+        sim[1:] = (z[1:] * z[:-1]).sum(dim=-1)
+        over = sim.reshape(-1) >= threshold
+        if int(over.sum()) > max_merged:
+            chosen = topk_stable(sim.reshape(-1), max_merged)
+            over = torch.zeros_like(over)
+            over[chosen] = True
+        merged = over.reshape(t, p)
+    # anchor frame of each token: itself unless merged into the run of the previous frame
+    anchor_frame = torch.zeros(t, p, dtype=torch.long)
+    for f in range(1, t):
+        anchor_frame[f] = torch.where(merged[f], anchor_frame[f - 1], torch.full((p,), f))
+    anchor = (anchor_frame * p + torch.arange(p)).reshape(-1)
+    x = frames.reshape(t * p, d)
+    sums = torch.zeros(t * p, d, dtype=torch.float32).index_add_(0, anchor, x.float())
+    counts = torch.bincount(anchor, minlength=t * p).clamp(min=1)
+    means = (sums / counts[:, None]).to(frames.dtype)
+    return ~merged.reshape(-1), means
+
+
+@register
+class FrameFusion(PruningMethod):
+    """Layer-0 FrameFusion: same-patch temporal merge (cos >= S_th), then importance top-k."""
+
+    name = "framefusion"
+    summary = "merge same-patch tokens of consecutive frames (cos >= S_th) into the earliest, then keep top importance"
+
+    @dataclass
+    class Config:
+        similarity_lower_bound: float = 0.6  # S_th
+
+        def __post_init__(self) -> None:
+            if not -1.0 <= self.similarity_lower_bound <= 1.0:
+                raise ConfigError(f"framefusion similarity_lower_bound must be in [-1, 1], got {self.similarity_lower_bound}")
+
+    def select(self, tokens: VisualTokens, budget: Budget, ctx: PruneContext) -> Selection:
+        signal = next((s for s in _IMPORTANCE_SIGNALS if s in tokens.signals), None)
+        if signal is None:
+            raise ConfigError(f"method 'framefusion' needs one of the signals {list(_IMPORTANCE_SIGNALS)}")
+        n = len(tokens)
+        k = budget.count(n)
+        survivor, means = merge_static_runs(tokens.frames(), self.config.similarity_lower_bound, n - k)
+        survivors = torch.nonzero(survivor).squeeze(1)
+        logger.debug("framefusion: %d of %d tokens survive the merge; pruning by %s", survivors.numel(), n, signal)
+        importance = tokens.signals[signal].float().reshape(-1)[survivors]
+        keep = survivors[topk_stable(importance, k)]
+        return sorted_selection(keep, means[keep])

@@ -1,0 +1,116 @@
+"""VisionZip and FasterVLM: keep the tokens the vision encoder finds salient (per frame).
+
+VisionZip: Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language Models"
+(CVPR 2025), code `dvlab-research/VisionZip` (`visionzip/clip_encoder.py`). Per image:
+- dominant tokens = top-k of the ViT attention ([CLS] attention for CLIP; for SigLIP, which has no
+  [CLS], the mean attention each patch receives, as HoliTom's LLaVA-OV port does);
+- contextual tokens: the remaining tokens are split into M targets sampled uniformly (stride
+  n_rest // M) and the others; each other token is assigned to its most similar target and the
+  contextual token is target + mean(assigned) (the code ADDS the mean to the target, it does not
+  average them; a target with nothing assigned stays as it is).
+Budget split dominant:contextual = 54:10 (LLaVA-1.5: 54+10 / 108+20 / 162+30 of 576).
+Approximation: the code measures similarity on the ViT layer -2 KEYS and merges ViT hidden states
+before the projector; here both use the LLM-input features (keys are not exposed), so the added
+contextual token lives in projector-output space.
+
+FasterVLM: Zhang et al., "[CLS] Attention is All You Need for Training-Free Visual Token Pruning"
+(code `Theia-4869/FasterVLM`): keep the top-k tokens by ViT [CLS] attention (layer -2), nothing
+merged; here `vit_attention` stands in for the [CLS] row (SigLIP has none).
+
+Both are image methods applied per frame, as the video models run them: the budget is split
+evenly over frames (floor(k/T) each, the remainder spread evenly). Merged tokens take their
+target's position; all others keep their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from streamprune.errors import ConfigError
+from streamprune.pruning.base import Budget, PruneContext, PruningMethod, sorted_selection
+from streamprune.pruning.primitives import assign_to_anchors, topk_stable
+from streamprune.pruning.registry import register
+from streamprune.types import Selection, VisualTokens
+
+
+def frame_quotas(t: int, k: int, per_frame: int) -> list[int]:
+    """k split over t frames of `per_frame` tokens: floor(k/t) each, one more for evenly spaced frames."""
+    k = min(k, t * per_frame)
+    quotas = [k // t] * t
+    extra = k - sum(quotas)
+    for i in range(extra):
+        quotas[min(t - 1, int((i + 0.5) * t / extra))] += 1
+    return quotas
+
+
+def visionzip_frame(x: torch.Tensor, attn: torch.Tensor, quota: int, dominant_share: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """VisionZip on one frame. x `[P, D]`, attn `[P]` -> (kept local indices `[quota]`, features `[quota, D]`)."""
+    n_dominant = min(quota, round(quota * dominant_share))
+    n_context = quota - n_dominant
+    dominant = topk_stable(attn, n_dominant)
+    if n_context == 0:
+        return dominant, x[dominant]
+    rest = torch.ones(x.shape[0], dtype=torch.bool)
+    rest[dominant] = False
+    rest_idx = torch.nonzero(rest).squeeze(1)
+    step = max(1, rest_idx.numel() // n_context)
+    is_target = torch.zeros(rest_idx.numel(), dtype=torch.bool)
+    is_target[torch.arange(0, rest_idx.numel(), step)[:n_context]] = True
+    targets, others = rest_idx[is_target], rest_idx[~is_target]
+    contextual = x[targets].float()
+    if others.numel():
+        assignment = assign_to_anchors(x[others], x[targets])
+        counts = torch.bincount(assignment, minlength=targets.numel()).float()
+        sums = torch.zeros_like(contextual).index_add_(0, assignment, x[others].float())
+        contextual = contextual + sums / counts.clamp(min=1.0)[:, None]
+    return torch.cat([dominant, targets]), torch.cat([x[dominant], contextual.to(x.dtype)])
+
+
+@register
+class VisionZip(PruningMethod):
+    """Per frame: dominant tokens by ViT attention + contextual merges into uniformly strided targets."""
+
+    name = "visionzip"
+    summary = "per frame: ViT-attention top-k (dominant) + contextual tokens merged into strided targets (54:10)"
+    requires = frozenset({"vit_attention"})
+
+    @dataclass
+    class Config:
+        dominant: int = 54  # dominant : contextual split of the budget (paper 54+10 of 576)
+        contextual: int = 10
+
+        def __post_init__(self) -> None:
+            if self.dominant < 0 or self.contextual < 0 or self.dominant + self.contextual == 0:
+                raise ConfigError("visionzip dominant and contextual must be >= 0 and not both 0")
+
+    def select(self, tokens: VisualTokens, budget: Budget, ctx: PruneContext) -> Selection:
+        t, h, w = tokens.grid
+        p = h * w
+        share = self.config.dominant / (self.config.dominant + self.config.contextual)
+        frames = tokens.frames()
+        attn = tokens.signals["vit_attention"].float().reshape(t, p)
+        keep, feats = [], []
+        for f, q in enumerate(frame_quotas(t, budget.count(len(tokens)), p)):
+            if q:
+                local, x = visionzip_frame(frames[f], attn[f], q, share)
+                keep.append(f * p + local)
+                feats.append(x)
+        return sorted_selection(torch.cat(keep), torch.cat(feats))
+
+
+@register
+class FasterVLM(PruningMethod):
+    """Per frame: top-k tokens by ViT attention (the [CLS] row for CLIP), nothing merged."""
+
+    name = "fastervlm"
+    summary = "per frame: keep the top ViT-attention tokens"
+    requires = frozenset({"vit_attention"})
+
+    def select(self, tokens: VisualTokens, budget: Budget, ctx: PruneContext) -> Selection:
+        t, h, w = tokens.grid
+        p = h * w
+        attn = tokens.signals["vit_attention"].float().reshape(t, p)
+        keep = [f * p + topk_stable(attn[f], q) for f, q in enumerate(frame_quotas(t, budget.count(len(tokens)), p)) if q]
+        return sorted_selection(torch.cat(keep))
