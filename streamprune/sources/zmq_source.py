@@ -1,0 +1,123 @@
+"""Frames from a zmq publisher (`zmq://HOST:PORT`), e.g. one started by `run_publisher`.
+
+Every message goes through `wire.decode` with a uint8-only allow list and must hold an RGB frame
+`[H, W, 3]`; anything else is dropped and counted as malformed, and the stream goes on. zmq
+itself reconnects when the publisher restarts (backoff 100 ms doubling to 5 s, see
+`subscriber_socket`); a socket monitor counts those reconnects.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from streamprune.sources.base import FrameSource
+from streamprune.transport.wire import DEFAULT_MAX_BYTES, WireError, decode
+from streamprune.transport.zmq_frames import subscriber_socket
+from streamprune.types import Frame
+
+log = logging.getLogger(__name__)
+
+_FRAME_DTYPES = frozenset({"uint8"})
+
+
+def _frame_from(parts: list[zmq.Frame], max_bytes: int) -> tuple[dict, np.ndarray]:
+    header, image = decode(parts, max_bytes=max_bytes, allowed_dtypes=_FRAME_DTYPES)
+    if header["kind"] != "frame" or image.ndim != 3 or image.shape[2] != 3:
+        raise WireError(f"expected an RGB frame [H, W, 3], got kind {header['kind']!r} shape {list(image.shape)}")
+    return header, image
+
+
+class ZmqSource(FrameSource):
+    """Subscribe to frames published at `endpoint` (a zmq endpoint such as tcp://127.0.0.1:5555).
+
+    latest_only: when several frames are queued, deliver only the newest (a live consumer wants
+                 the present, not a backlog); skipped frames count as dropped.
+    Dropped frames are counted from gaps in the publisher's `seq`, so frames lost at the
+    publisher's HWM and frames skipped here are both seen. Timestamps are the publisher's, except
+    that after a publisher restart (its `seq` starts over) the new stream is re-stamped from the
+    wall time elapsed here, so timestamps keep rising. Images are writable copies.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        latest_only: bool = True,
+        poll_interval: float = 0.1,
+        context: zmq.Context | None = None,
+    ) -> None:
+        super().__init__()
+        self.endpoint = endpoint
+        self.max_bytes = max_bytes
+        self.latest_only = latest_only
+        self.poll_interval = poll_interval
+        self._ctx = context
+
+    def _receive(self, sock: zmq.Socket) -> tuple[dict, np.ndarray] | None:
+        """Read what is queued: the first valid frame, or the newest one if `latest_only`."""
+        newest = None
+        while True:
+            try:
+                parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return newest
+            try:
+                newest = _frame_from(parts, self.max_bytes)
+            except WireError as e:
+                self.stats.malformed += 1
+                log.debug("dropped a malformed message from %s: %s", self.endpoint, e)
+                continue
+            if not self.latest_only:
+                return newest
+
+    def _frames(self) -> Iterator[Frame]:
+        sock = subscriber_socket(self.endpoint, max_bytes=self.max_bytes, context=self._ctx)
+        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        connections = 0
+        index, last_seq, last_ts = 0, None, None
+        offset, base = 0.0, 0.0  # output ts = offset + (publisher ts - base)
+        wall0 = 0.0
+        try:
+            while not self._stop.is_set():
+                ready = dict(poller.poll(int(self.poll_interval * 1000)))
+                if monitor in ready:
+                    while monitor.poll(0):
+                        recv_monitor_message(monitor)
+                        connections += 1
+                        if connections > 1:
+                            self.stats.reconnects += 1
+                            log.info("reconnected to %s", self.endpoint)
+                if sock not in ready:
+                    continue
+                got = self._receive(sock)
+                if got is None:
+                    continue
+                header, image = got
+                seq, ts = header["seq"], float(header["ts"])
+                if last_seq is None or seq <= last_seq:  # first frame, or the publisher restarted
+                    if last_ts is not None:
+                        offset = max(time.monotonic() - wall0, last_ts + 1e-3)
+                    base = ts
+                else:
+                    self.stats.dropped += seq - last_seq - 1
+                last_seq = seq
+                ts = offset + ts - base
+                if last_ts is None:
+                    wall0 = time.monotonic() - ts
+                last_ts = ts
+                yield Frame(image=image.copy(), timestamp=ts, index=index)
+                index += 1
+        finally:
+            sock.disable_monitor()
+            monitor.close(linger=0)
+            sock.close(linger=0)
