@@ -20,6 +20,7 @@ from transformers import DynamicCache
 
 from streamprune.models.prompt import PromptIds, build_prompt_ids
 from streamprune.pruning.base import Budget, PruneContext, PruningMethod
+from streamprune.pruning.pipeline import PruningPipeline
 from streamprune.types import Selection, VisualTokens
 
 
@@ -155,23 +156,37 @@ class VideoLLMAdapter(ABC):
         return self.model.get_input_embeddings()(torch.tensor(ids, dtype=torch.long))
 
     @torch.inference_mode()
-    def forward_layers(self, embeds: torch.Tensor, positions: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+    def forward_layers(self, embeds: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
+                       inner: "InnerStage | None" = None) -> torch.Tensor:
         """Run the decoder stack on `[L, D]` embeds at `[P, L]` positions, appending to `cache`.
-        Returns the final-norm hidden states `[L, D]`. The mask is causal in sequence order, which
-        is what a pruned sequence needs: kept tokens keep their order, only positions have gaps."""
+        Returns the final-norm hidden states `[L', D]` (L' < L if `inner` pruned at its layer).
+
+        The mask is causal in sequence order, which is what a pruned sequence needs: kept tokens
+        keep their order, only their positions have gaps. With an inner stage, layers before
+        `inner.layer` cache every token and later layers only the survivors."""
         lm = self.language_model
-        hidden = embeds[None].to(lm.dtype if hasattr(lm, "dtype") else embeds.dtype)
-        pos = positions[:, None, :]  # [P, 1, L]
-        pos = pos[0] if pos.shape[0] == 1 else pos
-        rope = lm.rotary_emb(hidden, pos)
-        mask = self._causal_mask(hidden.shape[1], cache.get_seq_length(), hidden.dtype)
-        for layer in lm.layers:
+        hidden = embeds[None].to(lm.dtype)
+        past = cache.get_seq_length()
+        rope = lm.rotary_emb(hidden, self._position_ids(positions))
+        mask = self._causal_mask(hidden.shape[1], past, hidden.dtype)
+        for index, layer in enumerate(lm.layers):
+            if inner is not None and index == inner.layer:
+                hidden, positions = inner.prune(hidden, positions)
+                rope = lm.rotary_emb(hidden, self._position_ids(positions))
+                mask = self._causal_mask(hidden.shape[1], past, hidden.dtype)
+            if inner is not None and index == inner.layer - 1:
+                inner.observe(layer, hidden, rope)
             hidden = layer(hidden, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=True)
         return lm.norm(hidden)[0]
 
+    @staticmethod
+    def _position_ids(positions: torch.Tensor) -> torch.Tensor:
+        """`[P, L]` -> what the LM's rotary embedding takes: `[1, L]` (1-D) or `[3, 1, L]` (M-RoPE)."""
+        return positions if positions.shape[0] == 1 else positions[:, None, :]
+
     def _causal_mask(self, q_len: int, past: int, dtype: torch.dtype) -> torch.Tensor | None:
         # SDPA / flash kernels apply causality themselves when no mask is given; eager needs one.
-        if self.language_model.config._attn_implementation != "eager":
+        if q_len == 1 or self.language_model.config._attn_implementation != "eager":
             return None
         mask = torch.full((q_len, past + q_len), torch.finfo(dtype).min, dtype=dtype)
         mask = torch.triu(mask, diagonal=past + 1)
@@ -189,25 +204,31 @@ class VideoLLMAdapter(ABC):
         return self.logits(self.forward_layers(embeds, positions, DynamicCache()))
 
     @torch.inference_mode()
-    def answer(self, frames: np.ndarray, question: str, method: PruningMethod, budget: Budget,
+    def answer(self, frames: np.ndarray, question: str, pipeline: PruningPipeline,
                ctx: PruneContext | None = None, fps: float = 1.0, max_new_tokens: int = 16) -> Answer:
         """Encode, prune, prefill and greedily decode an answer, timing each phase."""
         timer = Timer()
         with timer("encode"):
-            video = self.encode(frames, fps=fps, signals=method.requires)
-        with timer("prune"):
-            selection = method(video.tokens, budget, ctx)
-        return self.generate(video, question, selection, max_new_tokens, timer)
+            video = self.encode(frames, fps=fps, signals=pipeline.requires)
+        return self.answer_encoded(video, question, pipeline, ctx, max_new_tokens, timer)
 
     @torch.inference_mode()
-    def generate(self, video: EncodedVideo, question: str, selection: Selection, max_new_tokens: int = 16,
-                 timer: Timer | None = None) -> Answer:
+    def answer_encoded(self, video: EncodedVideo, question: str, pipeline: PruningPipeline,
+                       ctx: PruneContext | None = None, max_new_tokens: int = 16,
+                       timer: Timer | None = None) -> Answer:
         timer = timer or Timer()
+        ctx = ctx or PruneContext()
+        with timer("prune"):
+            selection = pipeline.select(video.tokens, ctx)
         layout = self.layout(video, self.prompt_ids(question))
-        embeds, positions, _ = layout.keep(selection)
+        embeds, positions, kept_slots = layout.keep(selection)
+        inner = None
+        if pipeline.inner_llm is not None:
+            budget = pipeline.inner_budget(len(selection), len(video.tokens))
+            inner = InnerStage(self, pipeline.inner_llm, budget, ctx, kept_slots, embeds[kept_slots])
         cache = DynamicCache()
         with timer("prefill"):
-            hidden = self.forward_layers(embeds, positions, cache)
+            hidden = self.forward_layers(embeds, positions, cache, inner)
             next_id = int(self.logits(hidden[-1]).argmax())
         out: list[int] = []
         with timer("decode"):
@@ -221,5 +242,68 @@ class VideoLLMAdapter(ABC):
                 next_id = int(self.logits(hidden[-1]).argmax())
                 position += 1
         text = self.tokenizer.decode(out, skip_special_tokens=True).strip()
+        kept = inner.kept if inner is not None else len(selection)
         return Answer(text=text, token_ids=out, visual_tokens_in=len(video.tokens),
-                      visual_tokens_kept=len(selection), timings_ms=dict(timer.ms))
+                      visual_tokens_kept=kept, timings_ms=dict(timer.ms))
+
+
+class InnerStage:
+    """An inner-LLM pruning stage during one prefill: at layer `method.config.layer - 1` it
+    computes, beside the normal attention, the attention the visual tokens receive from the last
+    prompt token and from all prompt tokens; at `layer` it lets the method choose among the
+    visual hidden states and slices the sequence (positions stay the originals)."""
+
+    def __init__(self, adapter: VideoLLMAdapter, method: PruningMethod, budget: Budget, ctx: PruneContext,
+                 visual_slots: torch.Tensor, input_embeds: torch.Tensor) -> None:
+        n_layers = len(adapter.language_model.layers)
+        self.layer = max(1, min(int(method.config.layer), n_layers - 1))
+        self.method, self.budget, self.ctx = method, budget, ctx
+        self.visual_slots = visual_slots
+        self.input_embeds = input_embeds
+        self.attention: dict[str, torch.Tensor] = {}
+        self.kept = len(visual_slots)
+
+    def observe(self, layer: torch.nn.Module, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> None:
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden)[0]  # [L, C]
+        length = x.shape[0]
+        heads = attn.config.num_attention_heads
+        q = attn.q_proj(x).view(length, heads, -1).transpose(0, 1)  # [H, L, d]
+        k = attn.k_proj(x).view(length, -1, attn.head_dim).transpose(0, 1)  # [Hkv, L, d]
+        cos, sin = (r[0][None] for r in rope)  # [1, L, d]
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        k = k.repeat_interleave(heads // k.shape[0], dim=0)
+        last = torch.zeros(length)
+        mean = torch.zeros(length)
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        for head in range(heads):
+            scores = (q[head].float() @ k[head].float().T) * attn.scaling
+            probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+            last += probs[-1]
+            mean += probs.mean(dim=0)
+        self.attention = {"llm_attention_last": last[self.visual_slots] / heads,
+                          "llm_attention_mean": mean[self.visual_slots] / heads}
+
+    def prune(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t_slots = self.visual_slots
+        tokens = VisualTokens(
+            features=hidden[0, t_slots],
+            thw=torch.zeros(len(t_slots), 3, dtype=torch.long),
+            grid=(1, 1, len(t_slots)),
+            signals={**self.attention, "input_embeds": self.input_embeds},
+        )
+        selection = self.method(tokens, self.budget, self.ctx)
+        keep = torch.ones(hidden.shape[1], dtype=torch.bool)
+        keep[t_slots] = False
+        keep[t_slots[selection.indices]] = True
+        if selection.features is not None:
+            hidden = hidden.clone()
+            hidden[0, t_slots[selection.indices]] = selection.features.to(hidden.dtype)
+        self.kept = len(selection)
+        return hidden[:, keep], positions[:, keep]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin

@@ -1,0 +1,94 @@
+"""A pruning pipeline: pre-LLM selectors applied in order, then at most one inner-LLM stage.
+
+Each stage sees the previous stage's survivors; selections compose back to indices of the
+original tokens, so positions stay the originals however many stages run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from streamprune.config import MethodConfig, method_config
+from streamprune.errors import ConfigError
+from streamprune.pruning.base import Budget, PruneContext, PruningMethod
+from streamprune.pruning.registry import available, make_method
+from streamprune.types import Selection, VisualTokens
+
+# Stages that act in the vision encoder rather than on tokens (configured, not registered).
+ENCODER_STAGES = {"stc_cacher"}
+
+
+@dataclass
+class PruningPipeline:
+    name: str
+    budget: Budget
+    pre_llm: list[PruningMethod] = field(default_factory=list)
+    inner_llm: PruningMethod | None = None
+    encoder_options: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def requires(self) -> frozenset[str]:
+        """Vision-side signals the pre-LLM stages read."""
+        return frozenset().union(*(m.requires for m in self.pre_llm)) if self.pre_llm else frozenset()
+
+    def select(self, tokens: VisualTokens, ctx: PruneContext | None = None) -> Selection:
+        """Run the pre-LLM stages; the result never exceeds the budget counted on `tokens`."""
+        ctx = ctx or PruneContext()
+        limit = Budget(max_tokens=max(1, self.budget.count(len(tokens))))
+        if not self.pre_llm or self.inner_llm is not None and not self._pre_llm_prunes():
+            return Selection(indices=torch.arange(len(tokens)))
+        selection = None
+        current = tokens
+        for method in self.pre_llm:
+            step = method(current, limit, ctx)
+            selection = step if selection is None else compose(selection, step)
+            current = step.apply(current)
+        return selection
+
+    def _pre_llm_prunes(self) -> bool:
+        return any(m.name != "none" for m in self.pre_llm)
+
+    def inner_budget(self, n_reaching: int, n_original: int) -> Budget:
+        """An inner stage alone carries the pipeline's budget; after pre-LLM pruning it applies
+        its own ratio to what reaches it, never exceeding the budget."""
+        if self._pre_llm_prunes():
+            return Budget(max_tokens=max(1, min(n_reaching, self.budget.count(n_original))))
+        return Budget(max_tokens=max(1, self.budget.count(n_original)))
+
+
+def compose(first: Selection, second: Selection) -> Selection:
+    """`second` selected among `first`'s survivors -> indices into the original tokens."""
+    indices = first.indices[second.indices]
+    if second.features is not None:
+        features = second.features
+    elif first.features is not None:
+        features = first.features[second.indices]
+    else:
+        features = None
+    return Selection(indices=indices, features=features)
+
+
+def build_pipeline(name: str, retain: float | None = None, max_tokens: int | None = None) -> PruningPipeline:
+    """The pipeline `name` (a configs/methods file or a registered method) with the given budget
+    (flags win over the file's default retain)."""
+    cfg: MethodConfig = method_config(name)
+    budget = Budget(retain=retain if retain is not None else (cfg.retain if max_tokens is None else None),
+                    max_tokens=max_tokens if max_tokens is not None else cfg.max_tokens)
+    pipeline = PruningPipeline(name=name, budget=budget)
+    registered = available()
+    for stage in cfg.stages:
+        if stage.method in ENCODER_STAGES:
+            pipeline.encoder_options[stage.method] = dict(stage.options)
+            continue
+        if stage.method not in registered:
+            raise ConfigError(f"method file {name!r} names unknown stage {stage.method!r}")
+        method = make_method(stage.method, **stage.options)
+        if method.stage == "inner_llm":
+            if pipeline.inner_llm is not None:
+                raise ConfigError(f"pipeline {name!r} has more than one inner-LLM stage")
+            pipeline.inner_llm = method
+        else:
+            pipeline.pre_llm.append(method)
+    return pipeline
