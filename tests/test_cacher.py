@@ -172,3 +172,12 @@ def test_cacher_rejects_other_towers_and_bad_input(tower: SiglipVisionModel) -> 
         STCCacher(tower, feature_layer=9)
     with pytest.raises(InputError):
         STCCacher(tower).encode(torch.zeros(2, 3, 32, 32))
+
+
+def test_stc_method_file_wires_cacher_then_pruner() -> None:
+    from streamprune.pruning.pipeline import build_pipeline
+
+    pipeline = build_pipeline("stc")
+    assert [m.name for m in pipeline.pre_llm] == ["stc_pruner"]
+    assert pipeline.budget.count(196) == 60
+    assert CacherConfig(**pipeline.encoder_options["stc_cacher"]) == CacherConfig()
