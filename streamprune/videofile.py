@@ -64,12 +64,14 @@ def write_video(
     fps: float,
     codec: str = "h264",
     gop: int | None = None,
+    faststart: bool = False,
 ) -> Path:
     """Encode RGB uint8 frames (`[T, H, W, 3]` array or an iterable of `[H, W, 3]`) to `path`.
 
     The container follows the path's suffix (.mp4, .webm, .mkv, ...); a path without a suffix gets
     the codec's usual one (h264 -> .mp4, vp9 -> .webm). Odd frame sizes are padded to even ones.
-    `gop` is the keyframe interval in frames (the encoder's default when None). Returns the path.
+    `gop` is the keyframe interval in frames (the encoder's default when None). `faststart` puts an
+    MP4's index before the media data, as files served over HTTP have it. Returns the path.
     """
     if not fps > 0:
         raise ConfigError(f"fps must be > 0, got {fps}")
@@ -85,7 +87,8 @@ def write_video(
         opts.update({"g": str(gop)} if encoder != "libx264" else {"x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0"})
 
     n = 0
-    with av.open(str(path), mode="w") as container:
+    container_options = {"movflags": "faststart"} if faststart else {}
+    with av.open(str(path), mode="w", options=container_options) as container:
         stream = None
         for i, image in enumerate(frames):
             image = np.asarray(image)

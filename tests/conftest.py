@@ -24,15 +24,17 @@ def _make(
     codec: str = "h264",
     gop: int | None = 12,
     name: str | None = None,
+    **write_kwargs,
 ) -> Path:
     name = name or f"clip_{codec}_{frames}f_{width}x{height}_{fps:g}fps_g{gop}"
-    return write_video(directory / name, pattern_frames(frames, width, height), fps, codec, gop=gop)
+    return write_video(directory / name, pattern_frames(frames, width, height), fps, codec, gop=gop, **write_kwargs)
 
 
 @pytest.fixture
 def make_video(tmp_path: Path) -> Callable[..., Path]:
-    """Factory: `make_video(frames=48, width=64, height=48, fps=24, codec="h264", gop=12, name=None)`
-    writes a marker clip under this test's tmp_path and returns its path (keyframe every `gop`)."""
+    """Factory: `make_video(frames=48, width=64, height=48, fps=24, codec="h264", gop=12, name=None,
+    **write_video_kwargs)` writes a marker clip under this test's tmp_path and returns its path
+    (keyframe every `gop` frames)."""
 
     def make(**kwargs) -> Path:
         return _make(tmp_path, **kwargs)
