@@ -79,6 +79,9 @@ def tiny_qwen2_5_vl(tokenizer: PreTrainedTokenizerFast, seed: int = 0):
 
 def save_tiny(family: str, out_dir: str | Path, seed: int = 0) -> Path:
     """Write a tiny random model of `family` with tokenizer and prompt sidecar to `out_dir`."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     out = Path(out_dir)
     tokenizer = word_tokenizer()
     model = {"llava_onevision": tiny_llava_onevision, "qwen2_5_vl": tiny_qwen2_5_vl}[family](tokenizer, seed=seed)

@@ -1,0 +1,177 @@
+"""`streamprune`: one entry point, one subcommand per job.
+
+Exit codes: 0 success; 2 bad input or usage (missing/invalid file, flag out of range, unknown
+method or model); 3 a batch finished with some inputs failed; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from streamprune.errors import EXIT_USAGE, InputError, StreampruneError
+
+log = logging.getLogger("streamprune")
+
+EPILOG = "exit codes: 0 ok, 2 bad input or usage, 3 batch finished with failures, 130 interrupted"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"streamprune: error: {message} (see --help)\n")
+        sys.exit(EXIT_USAGE)
+
+
+def _retain(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--retain must be a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"--retain must be in (0, 1], got {text}")
+    return value
+
+
+def _positive(kind: type):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text}")
+        return value
+    return parse
+
+
+def add_model_method_flags(p: argparse.ArgumentParser) -> None:
+    """--model/--method/--retain/--max-tokens, shared by every command that runs a model."""
+    p.add_argument("--model", metavar="PATH", help="model directory (save_pretrained layout); default: the embedded model")
+    p.add_argument("--method", default=None, metavar="NAME",
+                   help="pruning method or pipeline (see `streamprune methods`); default: none")
+    p.add_argument("--retain", type=_retain, default=None, metavar="R",
+                   help="share of visual tokens kept, in (0, 1]; default: the method's own (1.0 for none)")
+    p.add_argument("--max-tokens", type=_positive(int), default=None, metavar="N",
+                   help="absolute cap on kept visual tokens (with --retain the smaller wins)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="streamprune", description=__doc__.split("\n")[0], epilog=EPILOG)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    ask = sub.add_parser("ask", help="answer a question about a video file", epilog=EPILOG,
+                         description="Decode VIDEO with PyAV, encode the frames, prune the visual tokens "
+                                     "to the budget, prefill and generate the answer.")
+    ask.add_argument("video", metavar="VIDEO", help="video file (any container/codec FFmpeg reads)")
+    ask.add_argument("--question", "-q", required=True, help="the question to answer")
+    add_model_method_flags(ask)
+    ask.add_argument("--fps", type=_positive(float), default=None, help="frames sampled per second (default 1)")
+    ask.add_argument("--max-frames", type=_positive(int), default=None, metavar="N",
+                     help="at most N frames, evenly spaced over the clip (default 16)")
+    ask.add_argument("--max-new-tokens", type=_positive(int), default=None, metavar="K", help="answer length cap")
+    ask.add_argument("--seed", type=int, default=None, help="seed for randomised methods")
+    ask.add_argument("--json", action="store_true", help="print one JSON object instead of the answer")
+
+    sub.add_parser("methods", help="list pruning methods and pipelines with their defaults",
+                   description="One line per registered method and per configs/methods pipeline.")
+    return parser
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from streamprune.config import AskConfig, load_pipeline_defaults
+    from streamprune.decode import decode_frames
+    from streamprune.pruning.base import PruneContext
+    from streamprune.pruning.pipeline import build_pipeline
+
+    cfg = load_pipeline_defaults(AskConfig, "ask")
+    method = args.method or cfg.method
+    pipeline = build_pipeline(method, retain=args.retain or cfg.retain, max_tokens=args.max_tokens)
+    fps = args.fps or cfg.decode.fps
+    max_frames = args.max_frames or cfg.decode.max_frames
+    if not Path(args.video).is_file():
+        raise InputError(f"video file not found: {args.video}")
+    start = time.perf_counter()
+    frames = decode_frames(args.video, fps=fps, max_frames=max_frames)
+    if not frames:
+        raise InputError(f"no frames decoded from {args.video}")
+    decode_ms = (time.perf_counter() - start) * 1000
+    loaded = time.perf_counter()
+    adapter = load_model(args.model or cfg.model.path, cfg.model.attn_implementation)
+    load_ms = (time.perf_counter() - loaded) * 1000
+    import numpy as np
+
+    clip = np.stack([f.image for f in frames])
+    answer = adapter.answer(clip, args.question, pipeline, PruneContext(seed=args.seed or cfg.seed),
+                            fps=fps, max_new_tokens=args.max_new_tokens or cfg.max_new_tokens)
+    timings = {f"{k}_ms": round(v, 3) for k, v in answer.timings_ms.items()}
+    total_ms = round((time.perf_counter() - start) * 1000 - load_ms, 3)  # excludes the one-off model load
+    if args.json:
+        print(json.dumps({
+            "answer": answer.text, "video": str(args.video), "question": args.question,
+            "frames": len(frames), "frame_timestamps": [round(f.timestamp, 3) for f in frames],
+            "visual_tokens_in": answer.visual_tokens_in, "visual_tokens_kept": answer.visual_tokens_kept,
+            "method": method, "retain": pipeline.budget.retain, "max_tokens": pipeline.budget.max_tokens,
+            "model": str(adapter.model_dir), "family": adapter.family,
+            # decode_ms is the LLM's token decoding; video_decode_ms is PyAV's frame decoding
+            **{k: timings.get(k, 0.0) for k in ("encode_ms", "prune_ms", "prefill_ms", "decode_ms")},
+            "video_decode_ms": round(decode_ms, 3), "model_load_ms": round(load_ms, 3), "total_ms": total_ms,
+        }))
+    else:
+        print(answer.text)
+        log.info("%d frames, %d/%d visual tokens kept, %.0f ms", len(frames), answer.visual_tokens_kept,
+                 answer.visual_tokens_in, total_ms)
+    return 0
+
+
+def load_model(path: str | None, attn_implementation: str = "sdpa"):
+    """The adapter for `path`, or for the embedded default model when `path` is None."""
+    from streamprune.models import load_adapter
+    from streamprune.models.default import default_model_dir
+
+    return load_adapter(path if path is not None else default_model_dir(), attn_implementation)
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from streamprune.config import CONFIG_DIR, method_config
+    from streamprune.pruning.registry import available, describe
+
+    print("registered methods:")
+    for name in available():
+        print(f"  {describe(name)}")
+    files = sorted((CONFIG_DIR / "methods").glob("*.yaml"))
+    if files:
+        print("pipelines (configs/methods):")
+        for path in files:
+            cfg = method_config(path.stem)
+            stages = " -> ".join(s.method for s in cfg.stages)
+            print(f"  {path.stem}: {cfg.description or stages} [stages: {stages}; retain={cfg.retain}]")
+    return 0
+
+
+COMMANDS = {"ask": cmd_ask, "methods": cmd_methods}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return COMMANDS[args.command](args)
+    except StreampruneError as err:
+        sys.stderr.write(f"streamprune: error: {err}\n")
+        return err.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("streamprune: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""The adapters reproduce the unmodified transformers models and keep original positions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from streamprune.models.base import DynamicCache
+from streamprune.pruning.pipeline import build_pipeline
+from streamprune.types import Selection
+from tests.tiny import FAMILIES, random_clip
+
+QUESTION = "what happens ?"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unpruned_logits_equal_transformers_forward(tiny_adapters, family):
+    adapter = tiny_adapters[family]
+    clip = random_clip()
+    with torch.inference_mode():
+        reference = adapter.model(**adapter.reference_inputs(clip, QUESTION, fps=2.0)).logits[0]
+    video = adapter.encode(clip, fps=2.0)
+    ours = adapter.prompt_logits(video, QUESTION)
+    assert ours.shape == reference.shape
+    assert torch.allclose(ours, reference, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_method_none_answer_matches_transformers_generate(tiny_adapters, family):
+    adapter = tiny_adapters[family]
+    clip = random_clip(seed=1)
+    inputs = adapter.reference_inputs(clip, QUESTION, fps=2.0)
+    with torch.inference_mode():
+        generated = adapter.model.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    expected = generated[0, inputs["input_ids"].shape[1]:].tolist()
+    answer = adapter.answer(clip, QUESTION, build_pipeline("none"), fps=2.0, max_new_tokens=6)
+    stop = next((i for i, t in enumerate(expected) if t in adapter.eos_ids), len(expected))
+    assert answer.token_ids == expected[:stop]
+
+
+def _positions_reaching_model(adapter, embeds, positions):
+    """Run the LM once and capture the position ids its rotary embedding receives."""
+    seen = []
+    hook = adapter.language_model.rotary_emb.register_forward_pre_hook(lambda _m, args: seen.append(args[1].clone()))
+    try:
+        adapter.forward_layers(embeds, positions, DynamicCache())
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_uniform_quarter_keeps_original_positions(tiny_adapters, family):
+    adapter = tiny_adapters[family]
+    clip = random_clip(frames=4)
+    video = adapter.encode(clip, fps=2.0)
+    pipeline = build_pipeline("uniform", retain=0.25)
+    selection = pipeline.select(video.tokens)
+    assert len(selection) == len(video.tokens) // 4
+    layout = adapter.layout(video, adapter.prompt_ids(QUESTION))
+    embeds, positions, kept_slots = layout.keep(selection)
+    seen = _positions_reaching_model(adapter, embeds, positions)
+
+    # The positions the unpruned model would use, computed by transformers itself.
+    inputs = adapter.reference_inputs(clip, QUESTION, fps=2.0)
+    if family == "qwen2_5_vl":
+        full, _ = adapter.model.model.get_rope_index(
+            inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+            video_grid_thw=inputs["video_grid_thw"], second_per_grid_ts=inputs["second_per_grid_ts"])
+        full = full[:, 0]  # [3, L]
+        seen = seen[:, 0]
+    else:
+        full = torch.arange(inputs["input_ids"].shape[1])[None]  # [1, L]
+    original_slots = layout.visual_slots[selection.indices]
+    assert torch.equal(seen[:, kept_slots], full[:, original_slots])
+    # text tokens keep theirs too, and visual tokens are not renumbered contiguously
+    assert seen.shape[1] == full.shape[1] - (len(video.tokens) - len(selection))
+    assert not torch.equal(seen[:, kept_slots], full[:, layout.visual_slots[: len(selection)]])
+    # what reaches the model at the kept slots is the kept tokens' own features
+    assert torch.equal(embeds[kept_slots], video.tokens.features[selection.indices].to(embeds.dtype))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vision_attention_signal_is_a_distribution_over_patches(tiny_adapters, family):
+    adapter = tiny_adapters[family]
+    video = adapter.encode(random_clip(), fps=2.0, signals=frozenset({"vit_attention"}))
+    attention = video.tokens.signals["vit_attention"]
+    assert attention.shape == (len(video.tokens),)
+    assert (attention > 0).all()
+    plain = adapter.encode(random_clip(), fps=2.0)
+    assert torch.equal(plain.tokens.features, video.tokens.features)  # the side computation changes nothing
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_inner_llm_attention_matches_eager_attention_weights(tiny_model_dirs, family):
+    """The side-computed attention at layer K-1 equals what eager attention reports."""
+    from streamprune.models import load_adapter
+    from streamprune.models.base import InnerStage
+    from streamprune.pruning.base import Budget, PruneContext
+    from streamprune.pruning.registry import make_method
+
+    adapter = load_adapter(tiny_model_dirs[family], attn_implementation="eager")
+    clip = random_clip()
+    video = adapter.encode(clip, fps=2.0)
+    layout = adapter.layout(video, adapter.prompt_ids(QUESTION))
+    embeds, positions, kept_slots = layout.keep(Selection(indices=torch.arange(len(video.tokens))))
+    method = make_method("fastv", layer=2)
+    stage = InnerStage(adapter, method, Budget(retain=0.5), PruneContext(), kept_slots, embeds[kept_slots])
+    adapter.forward_layers(embeds, positions, DynamicCache(), stage)
+    with torch.inference_mode():
+        out = adapter.model(**adapter.reference_inputs(clip, QUESTION, fps=2.0), output_attentions=True)
+    weights = out.attentions[stage.layer - 1][0].mean(0)  # [L, L] head-averaged
+    assert torch.allclose(stage.attention["llm_attention_last"], weights[-1, layout.visual_slots], atol=1e-5)
+    assert torch.allclose(stage.attention["llm_attention_mean"], weights[:, layout.visual_slots].mean(0), atol=1e-5)
+    assert stage.kept == len(video.tokens) // 2
