@@ -1,0 +1,1 @@
+"""Datasets: synthetic video question answering with known answers."""

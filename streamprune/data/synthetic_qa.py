@@ -1,0 +1,293 @@
+"""Synthetic video question answering: moving coloured shapes, one-word answers that need where and when.
+
+Each clip is `NUM_FRAMES` frames of `SIZE`x`SIZE` RGB on black. Two to four objects (distinct colours,
+shape square/circle/triangle, side 12-16 px) appear one after another (at least `MIN_GAP` frames
+apart), move in a straight line along one axis, may disappear before the end, and one of them may
+change colour once. Objects never touch, so every answer can be recomputed from the pixels.
+
+Questions (one word answers, vocabulary in `VOCAB`):
+  last_colour  what colour is the object that appeared last ?          -> colour
+  first_shape  which shape appeared first ?                              -> shape
+  direction    which way did the {colour} {shape} move ?                 -> left/right/up/down
+  count        how many {shape} objects were seen ?                      -> zero..four
+  change       what colour did the {colour} {shape} change to ?          -> colour
+
+A clip is a pure function of its seed; the splits use disjoint seed ranges (`SPLITS`), so the
+test clips are never seen in training.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from streamprune.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DATA_VERSION = "1"
+NUM_FRAMES = 16
+SIZE = 64
+MIN_GAP = 3  # frames between two appearances
+MIN_VISIBLE = 7  # frames an object stays on screen
+MARGIN = 2  # pixels kept free between any two objects
+HANDOVER = 3  # frames before an appearance / after a disappearance that also keep the margin
+
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (230, 30, 30),
+    "green": (30, 200, 40),
+    "blue": (40, 60, 240),
+    "yellow": (240, 220, 30),
+    "white": (235, 235, 235),
+    "purple": (170, 40, 200),
+}
+COLOURS = tuple(PALETTE)
+SHAPES = ("square", "circle", "triangle")
+DIRECTIONS = ("left", "right", "up", "down")
+NUMBERS = ("zero", "one", "two", "three", "four")
+QUESTION_TYPES = ("last_colour", "first_shape", "direction", "count", "change")
+_DIR_STEP = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy), y grows down
+
+# Disjoint seed ranges; clip i of a split has seed start + i.
+SPLITS: dict[str, tuple[int, int]] = {
+    "train": (0, 1_000_000),
+    "val": (1_000_000, 1_100_000),
+    "test": (2_000_000, 2_100_000),
+}
+
+_TEMPLATE_WORDS = (
+    "what colour is the object that appeared last ? which shape first way did move "
+    "how many objects were seen change to"
+).split()
+VOCAB: tuple[str, ...] = tuple(dict.fromkeys(_TEMPLATE_WORDS + list(COLOURS + SHAPES + DIRECTIONS + NUMBERS)))
+ANSWERS: tuple[str, ...] = COLOURS + SHAPES + DIRECTIONS + NUMBERS
+
+
+@dataclass
+class QAItem:
+    """One question about one clip. `clip` is `[T, H, W, 3]` uint8; `answer` is a single word."""
+
+    clip: np.ndarray
+    question: str
+    answer: str
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class SceneObject:
+    """Ground truth of one object: visible in frames [appear, disappear), centre moves linearly."""
+
+    colour: str
+    shape: str
+    size: int
+    appear: int
+    disappear: int
+    start: tuple[float, float]  # (x, y) centre at `appear`
+    velocity: tuple[float, float]  # (dx, dy) pixels per frame
+    direction: str
+    change_frame: int | None = None  # first frame drawn in `new_colour`
+    new_colour: str | None = None
+
+    def centre(self, t: int) -> tuple[float, float]:
+        k = t - self.appear
+        return self.start[0] + k * self.velocity[0], self.start[1] + k * self.velocity[1]
+
+    def colour_at(self, t: int) -> str:
+        if self.change_frame is not None and t >= self.change_frame:
+            return self.new_colour  # type: ignore[return-value]
+        return self.colour
+
+    def visible(self, t: int) -> bool:
+        return self.appear <= t < self.disappear
+
+    def box(self, t: int) -> tuple[int, int, int, int]:
+        """Inclusive pixel bounds (x0, y0, x1, y1) of the drawn shape at frame t."""
+        cx, cy = self.centre(t)
+        x0, y0 = int(round(cx - self.size / 2)), int(round(cy - self.size / 2))
+        return x0, y0, x0 + self.size - 1, y0 + self.size - 1
+
+    def as_dict(self) -> dict:
+        return {
+            "colour": self.colour, "shape": self.shape, "size": self.size,
+            "appear": self.appear, "disappear": self.disappear,
+            "start": list(self.start), "velocity": list(self.velocity), "direction": self.direction,
+            "change_frame": self.change_frame, "new_colour": self.new_colour,
+        }
+
+
+@dataclass
+class SyntheticClip:
+    """A rendered clip with its objects and every question it supports."""
+
+    seed: int
+    frames: np.ndarray  # [T, H, W, 3] uint8
+    objects: list[SceneObject]
+    questions: list[tuple[str, str, str]]  # (type, question, answer)
+
+
+def _shape_mask(shape: str, size: int) -> np.ndarray:
+    """`[size, size]` bool stamp: full square, inscribed disc, or upward triangle (apex on top)."""
+    c = (size - 1) / 2
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    if shape == "square":
+        return np.ones((size, size), bool)
+    if shape == "circle":
+        return (xx - c) ** 2 + (yy - c) ** 2 <= (size / 2) ** 2
+    if shape == "triangle":
+        half_width = (yy + 1) / size * (size / 2)  # grows from the apex row to the base row
+        return np.abs(xx - c) <= half_width
+    raise ConfigError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
+def render(objects: list[SceneObject], num_frames: int = NUM_FRAMES, size: int = SIZE) -> np.ndarray:
+    """Draw the objects: `[T, H, W, 3]` uint8, black background, no anti-aliasing."""
+    frames = np.zeros((num_frames, size, size, 3), np.uint8)
+    for obj in objects:
+        stamp = _shape_mask(obj.shape, obj.size)
+        for t in range(obj.appear, min(obj.disappear, num_frames)):
+            x0, y0, _, _ = obj.box(t)
+            region = frames[t, y0:y0 + obj.size, x0:x0 + obj.size]
+            region[stamp] = PALETTE[obj.colour_at(t)]
+    return frames
+
+
+def _boxes_clear(a: SceneObject, b: SceneObject) -> bool:
+    """No contact while both are visible, and none with where the other just was or soon will be
+    (within HANDOVER frames), so an exit next to an entry never looks like one object changing."""
+    for t in range(max(a.appear, b.appear) - HANDOVER, min(a.disappear, b.disappear) + HANDOVER):
+        ax0, ay0, ax1, ay1 = a.box(min(max(t, a.appear), a.disappear - 1))
+        bx0, by0, bx1, by1 = b.box(min(max(t, b.appear), b.disappear - 1))
+        if ax0 <= bx1 + MARGIN and bx0 <= ax1 + MARGIN and ay0 <= by1 + MARGIN and by0 <= ay1 + MARGIN:
+            return False
+    return True
+
+
+def _sample_object(rng: np.random.Generator, colour: str, appear: int, num_frames: int, size: int) -> SceneObject:
+    side = int(rng.integers(12, 17))
+    disappear = num_frames if rng.random() < 0.5 else int(rng.integers(appear + MIN_VISIBLE, num_frames + 1))
+    steps = disappear - 1 - appear
+    direction = DIRECTIONS[int(rng.integers(len(DIRECTIONS)))]
+    speed = float(rng.uniform(max(1.5, 12.0 / steps), min(3.0, (size - side - 4) / steps)))
+    dx, dy = _DIR_STEP[direction]
+    lo, hi = side / 2 + 1, size - side / 2 - 1  # centre range that keeps the shape inside the frame
+    travel = speed * steps
+    def start_range(d: int) -> tuple[float, float]:
+        return (lo, hi - travel) if d > 0 else (lo + travel, hi) if d < 0 else (lo, hi)
+    sx, sy = (float(rng.uniform(*start_range(d))) for d in (dx, dy))
+    shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    return SceneObject(colour, shape, side, appear, disappear, (sx, sy), (dx * speed, dy * speed), direction)
+
+
+def _sample_scene(rng: np.random.Generator, num_frames: int, size: int) -> list[SceneObject]:
+    n = int(rng.integers(2, 5))
+    colours = [COLOURS[i] for i in rng.permutation(len(COLOURS))]
+    latest = num_frames - MIN_VISIBLE
+    while True:
+        appears = np.sort(rng.choice(latest + 1, size=n, replace=False))
+        if np.all(np.diff(appears) >= MIN_GAP):
+            break
+    for _ in range(200):
+        objects: list[SceneObject] = []
+        for i, a in enumerate(appears):
+            for _ in range(50):
+                obj = _sample_object(rng, colours[i], int(a), num_frames, size)
+                if all(_boxes_clear(obj, other) for other in objects):
+                    objects.append(obj)
+                    break
+            else:
+                break
+        if len(objects) == n:
+            break
+    else:  # pragma: no cover - the frame always has room for four objects
+        raise RuntimeError("could not place objects without overlap")
+    # One object (never the last to appear, so "last colour" stays unambiguous) may change colour.
+    if rng.random() < 0.5:
+        candidates = [o for o in objects[:-1] if o.disappear - o.appear >= 7]
+        if candidates:
+            obj = candidates[int(rng.integers(len(candidates)))]
+            obj.change_frame = int(rng.integers(obj.appear + 3, obj.disappear - 2))
+            obj.new_colour = colours[n]  # a colour no other object ever has
+    order = rng.permutation(n)  # list order carries no hint of appearance order
+    return [objects[i] for i in order]
+
+
+def _questions(rng: np.random.Generator, objects: list[SceneObject]) -> list[tuple[str, str, str]]:
+    by_appear = sorted(objects, key=lambda o: o.appear)
+    qs = [
+        ("last_colour", "what colour is the object that appeared last ?", by_appear[-1].colour),
+        ("first_shape", "which shape appeared first ?", by_appear[0].shape),
+    ]
+    steady = [o for o in objects if o.change_frame is None]
+    o = steady[int(rng.integers(len(steady)))]
+    qs.append(("direction", f"which way did the {o.colour} {o.shape} move ?", o.direction))
+    shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    count = sum(ob.shape == shape for ob in objects)
+    qs.append(("count", f"how many {shape} objects were seen ?", NUMBERS[count]))
+    for ob in objects:
+        if ob.change_frame is not None:
+            qs.append(("change", f"what colour did the {ob.colour} {ob.shape} change to ?", ob.new_colour))
+    return qs
+
+
+def generate_clip(seed: int, num_frames: int = NUM_FRAMES, size: int = SIZE) -> SyntheticClip:
+    """The clip of `seed`: same seed, same bytes."""
+    if num_frames < MIN_VISIBLE + 2 * MIN_GAP or size < 48:
+        raise ConfigError(f"clips need >= {MIN_VISIBLE + 2 * MIN_GAP} frames and >= 48 px, got {num_frames}, {size}")
+    rng = np.random.default_rng(seed)
+    objects = _sample_scene(rng, num_frames, size)
+    return SyntheticClip(seed, render(objects, num_frames, size), objects, _questions(rng, objects))
+
+
+def clip_seed(split: str, index: int) -> int:
+    """Seed of clip `index` of `split`."""
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}; expected one of {tuple(SPLITS)}")
+    start, stop = SPLITS[split]
+    if not 0 <= index < stop - start:
+        raise ConfigError(f"clip index {index} outside split {split!r} (size {stop - start})")
+    return start + index
+
+
+def make_items(split: str, num_clips: int, start: int = 0, types: tuple[str, ...] = QUESTION_TYPES) -> list[QAItem]:
+    """Every question (of `types`) of clips start..start+num_clips-1 of `split`, as QAItems.
+
+    Items of one clip share its frame array. meta: split, seed, type, objects (ground truth).
+    """
+    unknown = set(types) - set(QUESTION_TYPES)
+    if unknown:
+        raise ConfigError(f"unknown question types {sorted(unknown)}; expected some of {QUESTION_TYPES}")
+    items = []
+    for i in range(start, start + num_clips):
+        clip = generate_clip(clip_seed(split, i))
+        objs = [o.as_dict() for o in clip.objects]
+        for qtype, question, answer in clip.questions:
+            if qtype in types:
+                meta = {"split": split, "seed": clip.seed, "type": qtype, "objects": objs}
+                items.append(QAItem(clip.frames, question, answer, meta))
+    return items
+
+
+def write_video(frames: np.ndarray, path: str | Path, fps: int = 8, crf: int = 18) -> Path:
+    """Encode `[T, H, W, 3]` uint8 frames as H.264 (yuv420p) with PyAV; returns the path."""
+    import av
+
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ConfigError(f"frames must be [T, H, W, 3] uint8, got {frames.shape} {frames.dtype}")
+    path = Path(path)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps))
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf), "preset": "medium"}
+        for image in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    log.debug("wrote %d frames to %s", len(frames), path)
+    return path

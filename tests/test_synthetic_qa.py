@@ -1,0 +1,137 @@
+"""Synthetic video-QA generator: determinism, disjoint splits, answers recomputable from pixels."""
+
+from __future__ import annotations
+
+import re
+
+import av
+import numpy as np
+import pytest
+
+from streamprune.data.synthetic_qa import (
+    ANSWERS, NUM_FRAMES, PALETTE, SIZE, SPLITS, VOCAB, QAItem, clip_seed, generate_clip, make_items, write_video,
+)
+from streamprune.errors import ConfigError
+
+
+# --- an independent checker: blobs per frame -> tracks -> answers ------------------------------
+
+def _blobs(frame: np.ndarray) -> list[dict]:
+    """Every palette colour present in the frame as one blob: centroid, shape guessed from fill ratio."""
+    out = []
+    for name, rgb in PALETTE.items():
+        mask = np.all(frame == np.array(rgb, np.uint8), axis=-1)
+        if not mask.any():
+            continue
+        ys, xs = np.nonzero(mask)
+        h, w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+        assert h == w, f"{name} blob is {h}x{w}: objects touch or leave the frame"
+        fill = mask.sum() / (h * w)
+        shape = "square" if fill > 0.95 else "circle" if fill > 0.7 else "triangle"
+        out.append({"colour": name, "shape": shape, "x": xs.mean(), "y": ys.mean(), "side": h})
+    return out
+
+
+def _tracks(frames: np.ndarray) -> list[dict]:
+    """Link blobs frame to frame by nearest centroid (objects move at most 3 px a frame)."""
+    done, active = [], []
+    for t, frame in enumerate(frames):
+        still = []
+        for blob in _blobs(frame):
+            near = [tr for tr in active if np.hypot(tr["x"][-1] - blob["x"], tr["y"][-1] - blob["y"]) < 5]
+            if near:
+                tr = near[0]
+                active.remove(tr)
+                assert tr["shape"] == blob["shape"] and tr["side"] == blob["side"]
+            else:
+                tr = {"start": t, "shape": blob["shape"], "side": blob["side"], "x": [], "y": [], "colours": []}
+            tr["x"].append(blob["x"])
+            tr["y"].append(blob["y"])
+            tr["colours"].append(blob["colour"])
+            still.append(tr)
+        done += active
+        active = still
+    return done + active
+
+
+def _answer(tracks: list[dict], question: str) -> str:
+    if question == "what colour is the object that appeared last ?":
+        return max(tracks, key=lambda tr: tr["start"])["colours"][0]
+    if question == "which shape appeared first ?":
+        return min(tracks, key=lambda tr: tr["start"])["shape"]
+    if m := re.fullmatch(r"how many (\w+) objects were seen \?", question):
+        return ["zero", "one", "two", "three", "four"][sum(tr["shape"] == m[1] for tr in tracks)]
+    m = re.fullmatch(r"(?:which way did|what colour did) the (\w+) (\w+) (move|change to) \?", question)
+    assert m, question
+    (tr,) = [tr for tr in tracks if tr["colours"][0] == m[1] and tr["shape"] == m[2]]
+    if m[3] == "change to":
+        assert tr["colours"][-1] != tr["colours"][0]
+        return tr["colours"][-1]
+    dx, dy = tr["x"][-1] - tr["x"][0], tr["y"][-1] - tr["y"][0]
+    assert max(abs(dx), abs(dy)) >= 8 and min(abs(dx), abs(dy)) <= 1  # a clear, single-axis move
+    return ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
+
+
+# --- tests ---------------------------------------------------------------------------------------
+
+def test_same_seed_gives_identical_clip_and_questions():
+    a, b = generate_clip(12345), generate_clip(12345)
+    assert a.frames.tobytes() == b.frames.tobytes()
+    assert a.questions == b.questions
+    assert generate_clip(12346).frames.tobytes() != a.frames.tobytes()
+
+
+def test_clip_shape_dtype_and_one_word_answers_in_vocab():
+    items = make_items("val", 20)
+    assert items and all(isinstance(it, QAItem) for it in items)
+    for it in items:
+        assert it.clip.shape == (NUM_FRAMES, SIZE, SIZE, 3) and it.clip.dtype == np.uint8
+        assert it.answer in ANSWERS and " " not in it.answer
+        assert set(it.question.split()) <= set(VOCAB)
+    assert {it.meta["type"] for it in items} == {"last_colour", "first_shape", "direction", "count", "change"}
+
+
+def test_split_seed_ranges_are_disjoint():
+    ranges = sorted(SPLITS.values())
+    assert all(prev[1] <= nxt[0] for prev, nxt in zip(ranges, ranges[1:]))
+    for split, (lo, hi) in SPLITS.items():
+        assert clip_seed(split, 0) == lo and clip_seed(split, hi - lo - 1) == hi - 1
+    train = {it.meta["seed"] for it in make_items("train", 30)}
+    test = {it.meta["seed"] for it in make_items("test", 30)}
+    assert not train & test
+    with pytest.raises(ConfigError):
+        clip_seed("val", SPLITS["val"][1] - SPLITS["val"][0])
+    with pytest.raises(ConfigError):
+        clip_seed("holdout", 0)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_every_answer_is_recomputable_from_the_pixels(split):
+    tracks = {}
+    for it in make_items(split, 120):
+        if it.meta["seed"] not in tracks:
+            tracks[it.meta["seed"]] = _tracks(it.clip)
+            assert len(tracks[it.meta["seed"]]) == len(it.meta["objects"])
+        assert _answer(tracks[it.meta["seed"]], it.question) == it.answer, (it.meta["seed"], it.question)
+
+
+def test_answers_are_not_guessable_from_the_question_alone():
+    """No question type is dominated by one answer, so a model must look at the video."""
+    items = make_items("train", 400)
+    for qtype in ("last_colour", "first_shape", "direction", "change"):
+        answers = [it.answer for it in items if it.meta["type"] == qtype]
+        top = max(answers.count(a) for a in set(answers))
+        assert top / len(answers) < 0.45, qtype
+
+
+def test_write_video_is_decodable_h264_with_the_same_content(tmp_path):
+    clip = generate_clip(7).frames
+    path = write_video(clip, tmp_path / "clip.mp4")
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "h264"
+        decoded = [f for f in container.decode(stream)]
+    assert decoded[0].format.name == "yuv420p"
+    rgb = np.stack([f.to_ndarray(format="rgb24") for f in decoded])
+    assert rgb.shape == clip.shape
+    assert np.abs(rgb.astype(int) - clip.astype(int)).mean() < 6
