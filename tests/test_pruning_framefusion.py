@@ -84,7 +84,7 @@ def test_framefusion_prunes_by_llm_attention_when_present_else_vit_attention() -
     assert kept.tolist() == both.signals["vit_attention"].topk(5).indices.sort().values.tolist()
 
 
-def test_framefusion_without_an_importance_signal_raises_config_error() -> None:
+def test_framefusion_without_vit_attention_raises_config_error() -> None:
     with pytest.raises(ConfigError):
         make_method("framefusion")(clip_tokens(random_frames(2, 1, 2), signals=()), Budget(retain=0.5))
 

@@ -116,6 +116,26 @@ def test_holitom_static_cluster_merge_keeps_exact_budget_and_centre_positions() 
     selection = make_method("holitom", tau=0.65)(tokens, Budget(max_tokens=4))
     assert len(selection) == 4
     assert all(i < h * w for i in selection.indices.tolist()), "static tokens sit in the window's first frame"
+    # one cluster: centre c <- 0.6 * mean_t(x_c) + 0.4 * mean of the other static means
+    single = make_method("holitom", tau=0.65)(tokens, Budget(max_tokens=1))
+    means = frames.reshape(t, h * w, -1).mean(dim=0)
+    c = int(single.indices[0])
+    others = [i for i in range(h * w) if i != c]
+    torch.testing.assert_close(single.features[0], 0.6 * means[c] + 0.4 * means[others].mean(dim=0))
+
+
+def test_holitom_contextual_tokens_are_beta_merged_density_centres() -> None:
+    t, h, w = 1, 4, 4
+    tokens = tokens_from(random_frames(t, h, w, seed=18), seed=19)
+    x, attention = tokens.features, tokens.signals["vit_attention"]
+    selection = make_method("holitom", d=0.5)(tokens, Budget(max_tokens=2))  # 1 dominant + 1 contextual
+    dominant = int(attention.argmax())
+    kept = selection.indices.tolist()
+    assert dominant in kept
+    torch.testing.assert_close(selection.features[kept.index(dominant)], x[dominant])
+    (centre,) = set(kept) - {dominant}
+    members = [i for i in range(h * w) if i not in (dominant, centre)]
+    torch.testing.assert_close(selection.features[kept.index(centre)], 0.6 * x[centre] + 0.4 * x[members].mean(dim=0))
 
 
 @pytest.mark.parametrize("seed", range(12))

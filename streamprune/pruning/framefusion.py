@@ -39,9 +39,6 @@ from streamprune.types import Selection, VisualTokens
 
 logger = logging.getLogger(__name__)
 
-_IMPORTANCE_SIGNALS = ("llm_attention_last", "vit_attention")
-
-
 def merge_static_runs(frames: torch.Tensor, threshold: float, max_merged: int) -> tuple[torch.Tensor, torch.Tensor]:
     """FrameFusion's similarity merge of same-patch tokens in consecutive frames.
 
@@ -79,6 +76,8 @@ class FrameFusion(PruningMethod):
 
     name = "framefusion"
     summary = "merge same-patch tokens of consecutive frames (cos >= S_th) into the earliest, then keep top importance"
+    # the pre-LLM fallback ranking; `llm_attention_last` is used instead whenever it is present
+    requires = frozenset({"vit_attention"})
 
     @dataclass
     class Config:
@@ -89,9 +88,7 @@ class FrameFusion(PruningMethod):
                 raise ConfigError(f"framefusion similarity_lower_bound must be in [-1, 1], got {self.similarity_lower_bound}")
 
     def select(self, tokens: VisualTokens, budget: Budget, ctx: PruneContext) -> Selection:
-        signal = next((s for s in _IMPORTANCE_SIGNALS if s in tokens.signals), None)
-        if signal is None:
-            raise ConfigError(f"method 'framefusion' needs one of the signals {list(_IMPORTANCE_SIGNALS)}")
+        signal = "llm_attention_last" if "llm_attention_last" in tokens.signals else "vit_attention"
         n = len(tokens)
         k = budget.count(n)
         survivor, means = merge_static_runs(tokens.frames(), self.config.similarity_lower_bound, n - k)
