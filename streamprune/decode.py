@@ -158,6 +158,20 @@ def decode_frames(
     is over max(1 s, 2 GOPs) ahead); "seek" seeks before every wanted frame; "sequential" never
     seeks. All three return the same frames.
     """
+    return list(iter_frames(path, fps, max_frames, start, end, strategy=strategy))
+
+
+def iter_frames(
+    path: str | Path,
+    fps: float | None = None,
+    max_frames: int | None = None,
+    start: float | None = None,
+    end: float | None = None,
+    *,
+    strategy: Strategy = "auto",
+) -> Iterator[Frame]:
+    """`decode_frames` one frame at a time, for clips too long to hold decoded. Arguments are
+    checked now; file errors (including truncation, found at the end) surface while iterating."""
     if fps is not None and not fps > 0:
         raise InputError(f"fps must be > 0, got {fps}")
     if max_frames is not None and max_frames < 1:
@@ -168,7 +182,12 @@ def decode_frames(
         raise InputError(f"end ({end}) must be after start ({start or 0.0})")
     if strategy not in ("auto", "seek", "sequential"):
         raise InputError(f"unknown decode strategy {strategy!r}: auto, seek or sequential")
-    path = Path(path)
+    return _iterate(Path(path), fps, max_frames, start, end, strategy)
+
+
+def _iterate(
+    path: Path, fps: float | None, max_frames: int | None, start: float | None, end: float | None, strategy: Strategy
+) -> Iterator[Frame]:
     with _open(path) as (container, stream):
         info = _info(container, stream, path)
         wanted = [
@@ -177,10 +196,10 @@ def decode_frames(
             if (start is None or k / info.fps >= start) and (end is None or k / info.fps < end)
         ]
         if not wanted:
-            return []
+            return
         stream.thread_type = "AUTO"
         try:
-            return _Reader(container, stream, info, path).read(wanted, strategy)
+            yield from _Reader(container, stream, info, path).read(wanted, strategy)
         except av.FFmpegError as err:
             raise InputError(f"truncated or corrupt video: {path} ({_reason(err)})") from None
 
@@ -261,18 +280,15 @@ class _Reader:
             return True
         return not self.index_complete and target - here > max(BLIND_SEEK_GAP_S, 2 * self.gop_s)
 
-    def read(self, wanted: list[int], strategy: Strategy) -> list[Frame]:
+    def read(self, wanted: list[int], strategy: Strategy) -> Iterator[Frame]:
+        """Frames for the ascending frame numbers `wanted`, each once, in order."""
         pending = deque(wanted)
-        kept: dict[int, Frame] = {}
         frames: Iterator[tuple[av.VideoFrame, int, float]] | None = None
         prev: tuple[av.VideoFrame, int, float] | None = None  # last frame decoded since the last seek
         last: tuple[int, float] | None = None  # (number, time) of the last frame decoded at all
         considered = -1  # the wanted frame we last decided about seeking for
-
-        def keep(item: tuple[av.VideoFrame, int, float]) -> None:
-            frame, number, t = item
-            if number not in kept:
-                kept[number] = Frame(image=frame.to_ndarray(format="rgb24"), timestamp=t, index=number)
+        emitted = -1  # number of the last frame handed out
+        kept = 0
 
         while pending:
             k = pending[0]
@@ -286,13 +302,18 @@ class _Reader:
             if item is None:
                 break
             number = item[1]
+            chosen = []
             while pending and pending[0] < number:
                 # the wanted frame is not in the stream (variable rate, dropped frame): the one on screen then
                 pending.popleft()
-                keep(prev or item)
+                chosen.append(prev or item)
             if pending and pending[0] == number:
                 pending.popleft()
-                keep(item)
+                chosen.append(item)
+            for frame, n, t in chosen:
+                if n > emitted:
+                    emitted, kept = n, kept + 1
+                    yield Frame(image=frame.to_ndarray(format="rgb24"), timestamp=t, index=n)
             prev, last = item, (number, item[2])
 
         if pending:
@@ -301,6 +322,7 @@ class _Reader:
                 raise InputError(
                     f"truncated or corrupt video: {self.path} (frames stop at {stop} of a declared {self.info.duration:.2f}s)"
                 )
-            keep(prev)  # the declared duration runs a little past the last frame
-        log.debug("%s: kept %d frames, decoded %d, %d seeks (%s)", self.path.name, len(kept), self.decoded, self.seeks, strategy)
-        return sorted(kept.values(), key=lambda f: f.index)
+            if prev[1] > emitted:  # the declared duration runs a little past the last frame
+                kept += 1
+                yield Frame(image=prev[0].to_ndarray(format="rgb24"), timestamp=prev[2], index=prev[1])
+        log.debug("%s: kept %d frames, decoded %d, %d seeks (%s)", self.path.name, kept, self.decoded, self.seeks, strategy)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import re
+from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 
-from streamprune.decode import decode_frames, probe, sample_frame_numbers
+from streamprune.decode import decode_frames, iter_frames, probe, sample_frame_numbers
 from streamprune.errors import ConfigError, InputError
 from streamprune.videofile import pattern_frames, read_marker, write_video
 
@@ -91,6 +92,28 @@ def test_sample_frame_numbers_depend_only_on_length_rates_and_cap() -> None:
     assert sample_frame_numbers(100, 30.0, fps=None, max_frames=3) == [0, 50, 99]
     assert sample_frame_numbers(10, 10.0, fps=3.0) == [0, 3, 6]
     assert sample_frame_numbers(5, 25.0, fps=1.0) == [0]
+
+
+def test_a_frame_missing_from_the_grid_is_served_by_the_frame_on_screen(tmp_path: Path) -> None:
+    path = tmp_path / "gap.webm"  # 24 fps grid, frame 3 never written (a dropped frame)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libvpx-vp9", rate=24, options={"deadline": "realtime", "cpu-used": "8"})
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i, image in enumerate(pattern_frames(48)):
+            if i != 3:
+                frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+                frame.pts, frame.time_base = i, Fraction(1, 24)
+                container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    assert markers(decode_frames(path))[:5] == [0, 1, 2, 4, 5]
+    for strategy in ("sequential", "seek"):
+        assert markers(decode_frames(path, fps=8, strategy=strategy))[:4] == [0, 2, 6, 9]
+
+
+def test_iter_frames_yields_what_decode_frames_returns_and_checks_arguments_eagerly(h264_video: Path) -> None:
+    assert [f.index for f in iter_frames(h264_video, fps=3)] == [f.index for f in decode_frames(h264_video, fps=3)]
+    with pytest.raises(InputError, match="fps must be > 0"):
+        iter_frames(h264_video, fps=0)
 
 
 # --- seek path vs sequential path ---------------------------------------------------------------
