@@ -79,7 +79,8 @@ def test_fastvid_context_anchors_sit_on_frames_counted_back_from_segment_end():
     attention = torch.rand(t * h * w, generator=g)
     sel = make_method("fastvid", c=1, p=4)(_tokens(feats, attention, t, h, w), Budget(retain=0.25))
     n = h * w
-    top_attention = [set((f * n + torch.topk(attention[f * n : (f + 1) * n], 9 - 3).indices).tolist()) for f in range(t)]
+    # R = 54 // 6 = 9 per frame: 6 salient, 3 context
+    top_attention = [set((f * n + torch.topk(attention[f * n : (f + 1) * n], 6).indices).tolist()) for f in range(t)]
     context = [i for i in sel.indices.tolist() if i not in top_attention[i // n]]
     assert {i // n for i in context} == {5, 1}  # one segment of 6 frames, anchors every 4 from its end
     assert len(context) == 3 * t and len(sel) == Budget(retain=0.25).count(t * n)
@@ -126,8 +127,9 @@ def test_fastvid_budget_is_exact_across_shapes_and_ratios():
 def test_fastvid_is_deterministic():
     g = torch.Generator().manual_seed(5)
     feats, attention = torch.randn(8 * 36, 16, generator=g), torch.rand(8 * 36, generator=g)
-    a = make_method("fastvid")(_tokens(feats, attention, 8, 6, 6), Budget(retain=0.1), PruneContext(seed=0))
-    b = make_method("fastvid")(_tokens(feats.clone(), attention.clone(), 8, 6, 6), Budget(retain=0.1), PruneContext(seed=0))
+    method, budget = make_method("fastvid"), Budget(retain=0.1)
+    a = method(_tokens(feats, attention, 8, 6, 6), budget, PruneContext(seed=0))
+    b = method(_tokens(feats.clone(), attention.clone(), 8, 6, 6), budget, PruneContext(seed=0))
     assert torch.equal(a.indices, b.indices) and torch.equal(a.features, b.features)
 
 

@@ -17,7 +17,7 @@ from streamprune.pruning.primitives import (
 )
 
 
-def _clusters(n_clusters: int, per_cluster: int, dim: int, spread: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _clusters(n_clusters: int, per_cluster: int, dim: int, spread: float, seed: int) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
     centres = torch.randn(n_clusters, dim, generator=g) * 5
     labels = torch.arange(n_clusters).repeat_interleave(per_cluster)

@@ -23,6 +23,12 @@ import torch
 GAUSSIAN_ALPHAS: tuple[float, ...] = (1 / 8, 1 / 4, 1 / 2, 1.0, 2.0)
 
 
+def topk_stable(score: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
+    """Indices of the k largest (or smallest) entries of `[M]` score; equal scores -> lower index first."""
+    order = torch.sort(score if largest else -score, descending=True, stable=True).indices
+    return order[:k]
+
+
 def scaled_distance(x: torch.Tensor) -> torch.Tensor:
     """Pairwise Euclidean distance divided by sqrt(D), the DPC-kNN metric. `[..., M, D]` -> `[..., M, M]`."""
     x = x.float()
@@ -73,12 +79,6 @@ def dpc_knn_cluster(x: torch.Tensor, n_centers: int, k: int) -> tuple[torch.Tens
     assignment = dist[:, centers].argmin(dim=-1)
     assignment[centers] = torch.arange(c)
     return centers, assignment
-
-
-def topk_stable(score: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
-    """Indices of the k largest (or smallest) entries of `[M]` score; equal scores -> lower index first."""
-    order = torch.sort(score if largest else -score, descending=True, stable=True).indices
-    return order[:k]
 
 
 def cosine_distance_matrix(x: torch.Tensor) -> torch.Tensor:
