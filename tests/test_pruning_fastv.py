@@ -53,7 +53,8 @@ def test_fastv_exact_budget_over_random_shapes(seed: int) -> None:
     grid = tuple(int(v) for v in torch.randint(1, 6, (3,), generator=g))
     n = grid[0] * grid[1] * grid[2]
     budget = Budget(retain=float(torch.empty(1).uniform_(0.01, 1.0, generator=g)))
-    selection = make_method("fastv")(attention_tokens(torch.rand(n, generator=g), grid), budget, PruneContext(seed=seed))
+    tokens = attention_tokens(torch.rand(n, generator=g), grid)
+    selection = make_method("fastv")(tokens, budget, PruneContext(seed=seed))
     assert len(selection) == budget.count(n)
     assert torch.all(selection.indices[1:] > selection.indices[:-1])
 

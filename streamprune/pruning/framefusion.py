@@ -85,7 +85,9 @@ class FrameFusion(PruningMethod):
 
         def __post_init__(self) -> None:
             if not -1.0 <= self.similarity_lower_bound <= 1.0:
-                raise ConfigError(f"framefusion similarity_lower_bound must be in [-1, 1], got {self.similarity_lower_bound}")
+                raise ConfigError(
+                    f"framefusion similarity_lower_bound must be in [-1, 1], got {self.similarity_lower_bound}"
+                )
 
     def select(self, tokens: VisualTokens, budget: Budget, ctx: PruneContext) -> Selection:
         signal = "llm_attention_last" if "llm_attention_last" in tokens.signals else "vit_attention"

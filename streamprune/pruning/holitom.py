@@ -154,7 +154,10 @@ class HoliTom(PruningMethod):
 
         sizes = torch.tensor([g[0].numel() for g in groups])
         quotas = _apportion(sizes, k)
-        logger.debug("holitom: %d windows, %d tokens after static averaging, keep %d", len(segments), int(sizes.sum()), int(quotas.sum()))
+        logger.debug(
+            "holitom: %d windows, %d tokens after static averaging, keep %d",
+            len(segments), int(sizes.sum()), int(quotas.sum()),
+        )
         keep, feats = [], []
         for (anchors, x, a), q in zip(groups, quotas.tolist()):
             if q == 0:
@@ -177,7 +180,9 @@ class HoliTom(PruningMethod):
         merged = anchor_merge(x[centers], x[is_member], assignment[is_member], self.config.beta, adaptive=False)
         return centers, merged
 
-    def _attention_density_merge(self, x: torch.Tensor, attn: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _attention_density_merge(
+        self, x: torch.Tensor, attn: torch.Tensor, q: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Dominant tokens by attention, the rest of the quota as DPC-kNN contextual merges."""
         n_dominant = round(q * (1.0 - self.config.d))
         dominant = topk_stable(attn, n_dominant)

@@ -45,7 +45,9 @@ def frame_quotas(t: int, k: int, per_frame: int) -> list[int]:
     return quotas
 
 
-def visionzip_frame(x: torch.Tensor, attn: torch.Tensor, quota: int, dominant_share: float) -> tuple[torch.Tensor, torch.Tensor]:
+def visionzip_frame(
+    x: torch.Tensor, attn: torch.Tensor, quota: int, dominant_share: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """VisionZip on one frame. x `[P, D]`, attn `[P]` -> (kept local indices `[quota]`, features `[quota, D]`)."""
     n_dominant = min(quota, round(quota * dominant_share))
     n_context = quota - n_dominant
@@ -112,5 +114,6 @@ class FasterVLM(PruningMethod):
         t, h, w = tokens.grid
         p = h * w
         attn = tokens.signals["vit_attention"].float().reshape(t, p)
-        keep = [f * p + topk_stable(attn[f], q) for f, q in enumerate(frame_quotas(t, budget.count(len(tokens)), p)) if q]
+        quotas = frame_quotas(t, budget.count(len(tokens)), p)
+        keep = [f * p + topk_stable(attn[f], q) for f, q in enumerate(quotas) if q]
         return sorted_selection(torch.cat(keep))

@@ -55,7 +55,9 @@ def push_action_attention(ctx: PruneContext, attention: torch.Tensor, window: in
     vec = attention.detach().float().reshape(-1).cpu()
     history: list[torch.Tensor] = ctx.state.setdefault(HISTORY_KEY, [])
     if history and history[-1].numel() != vec.numel():
-        logger.warning("vla_pruner: action attention length %d != %d; history restarted", vec.numel(), history[-1].numel())
+        logger.warning(
+            "vla_pruner: action attention length %d != %d; history restarted", vec.numel(), history[-1].numel()
+        )
         history.clear()
     history.append(vec)
     del history[: max(0, len(history) - window)]
@@ -66,7 +68,9 @@ def reset_action_history(ctx: PruneContext) -> None:
     ctx.state.pop(HISTORY_KEY, None)
 
 
-def smoothed_action_attention(ctx: PruneContext, window: int = DEFAULT_WINDOW, gamma: float = DEFAULT_GAMMA) -> torch.Tensor | None:
+def smoothed_action_attention(
+    ctx: PruneContext, window: int = DEFAULT_WINDOW, gamma: float = DEFAULT_GAMMA
+) -> torch.Tensor | None:
     """sum_{i=1..w} gamma^(i-1) S^(t-i), normalised to sum 1, `[N]`; None until w steps are recorded."""
     history: list[torch.Tensor] = ctx.state.get(HISTORY_KEY, [])
     if len(history) < window:
@@ -118,7 +122,9 @@ class VLAPruner(PruningMethod):
         semantic = tokens.signals[self.config.semantic].float().reshape(-1)
         action = smoothed_action_attention(ctx, self.config.window, self.config.gamma)
         if action is not None and action.numel() != n:
-            logger.warning("vla_pruner: action history has %d entries for %d visual tokens; restarting it", action.numel(), n)
+            logger.warning(
+                "vla_pruner: action history has %d entries for %d visual tokens; restarting it", action.numel(), n
+            )
             reset_action_history(ctx)
             action = None
         if action is None:
