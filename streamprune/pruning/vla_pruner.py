@@ -49,6 +49,9 @@ _SEMANTIC_SIGNALS = ("llm_attention_mean", "llm_attention_last")
 def push_action_attention(ctx: PruneContext, attention: torch.Tensor, window: int = DEFAULT_WINDOW) -> None:
     """Record one control step's action-to-vision attention `[N]`; keeps the last `window` steps.
 
+    `attention` covers all N visual tokens of the unpruned image; tokens pruned at that step get 0
+    (the authors scatter the kept tokens' attention back into the full 256 and leave the rest 0).
+
     A vector whose length differs from the stored ones (the visual token count changed) starts
     a new history.
     """
