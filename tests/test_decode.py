@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 from fractions import Fraction
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import av
 import numpy as np
 import pytest
 
+from streamprune.bench.decode_bench import run_decode_bench
 from streamprune.decode import decode_frames, iter_frames, probe, sample_frame_numbers
 from streamprune.errors import ConfigError, InputError
 from streamprune.videofile import pattern_frames, read_marker, write_video
@@ -283,3 +285,21 @@ def test_write_video_rejects_bad_frames_and_codecs(tmp_path: Path) -> None:
         write_video(tmp_path / "e.mp4", [], 10)
     with pytest.raises(ConfigError, match="unknown codec"):
         write_video(tmp_path / "c.mp4", pattern_frames(2), 10, codec="prores")
+
+
+# --- benchmark -----------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg CLI not installed (apt-get install -y ffmpeg)")
+def test_decode_bench_compares_the_same_frames_with_ffmpeg(h264_video: Path) -> None:
+    result = run_decode_bench(h264_video, repeats=1)
+    assert result["dense"]["ours_auto"]["frames_out"] == result["dense"]["ffmpeg"]["frames_out"] == 48
+    assert result["sparse_1fps"]["ours_auto"]["frames_out"] == result["sparse_1fps"]["ffmpeg"]["frames_out"] == 2
+    assert result["dense"]["ratio"] > 0
+
+
+def test_decode_bench_says_when_ffmpeg_is_missing(h264_video: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # a PATH with no ffmpeg on it
+    result = run_decode_bench(h264_video, repeats=1)
+    assert result["ffmpeg"].startswith("not installed")
+    assert "ffmpeg" not in result["dense"] and result["dense"]["ours_auto"]["frames_out"] == 48

@@ -1,0 +1,1 @@
+"""Benchmarks: decoding throughput against the ffmpeg CLI, accuracy and latency of the pipelines."""
