@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from streamprune.errors import EXIT_USAGE, InputError, StreampruneError
+from streamprune.errors import EXIT_USAGE, ConfigError, InputError, StreampruneError
 
 log = logging.getLogger("streamprune")
 
@@ -81,6 +81,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("methods", help="list pruning methods and pipelines with their defaults",
                    description="One line per registered method and per configs/methods pipeline.")
+
+    demo = sub.add_parser("demo", help="answer a few held-out synthetic questions (start here)", epilog=EPILOG,
+                          description="Answer held-out synthetic video questions with the default model; print "
+                                      "each question, the answer, the truth and the tokens kept, then the accuracy.")
+    add_model_method_flags(demo)
+    demo.add_argument("--n", type=_positive(int), default=8, help="number of questions (default 8)")
+
+    bench = sub.add_parser("bench", help="benchmarks (accuracy vs retention, decoding)", epilog=EPILOG)
+    bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=OneLineParser)
+    acc = bench_sub.add_parser("accuracy", epilog=EPILOG,
+                               help="every method at every budget, in one run, on the held-out set",
+                               description="Accuracy, accuracy retained, tokens kept, encode/prefill/total time, "
+                                           "speedups and prefill FLOPs for each method x retain on held-out "
+                                           "synthetic QA, measured in one run.")
+    acc.add_argument("--model", metavar="PATH", help="model directory; default: the embedded model")
+    acc.add_argument("--methods", default="all", help="comma-separated names, or 'all' (default)")
+    acc.add_argument("--retain", default="1,0.5,0.25,0.1", help="comma-separated budgets (default 1,0.5,0.25,0.1)")
+    acc.add_argument("--n", type=_positive(int), default=300, help="held-out questions (default 300)")
+    acc.add_argument("--seed", type=int, default=0)
+    acc.add_argument("--json", metavar="FILE", help="write rows and run metadata as JSON")
+    acc.add_argument("--plot", metavar="FILE.png", help="plot accuracy vs tokens kept and vs prefill time")
     return parser
 
 
@@ -155,7 +176,75 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"ask": cmd_ask, "methods": cmd_methods}
+def cmd_demo(args: argparse.Namespace) -> int:
+    from streamprune.data.synthetic_qa import make_items
+    from streamprune.models.default import TRAINED_DIR
+    from streamprune.pruning.base import PruneContext
+    from streamprune.pruning.pipeline import build_pipeline
+
+    pipeline = build_pipeline(args.method or "none", retain=args.retain, max_tokens=args.max_tokens)
+    adapter = load_model(args.model)
+    if args.model is None and adapter.model_dir != TRAINED_DIR:
+        print("note: the trained default model is not installed; using a tiny random model (answers are noise)")
+    items = make_items("test", num_clips=args.n)[: args.n]
+    correct = 0
+    for i, item in enumerate(items, 1):
+        answer = adapter.answer(item.clip, item.question, pipeline, PruneContext(), fps=8.0, max_new_tokens=4)
+        ok = answer.text == item.answer
+        correct += ok
+        print(f"[{i}/{len(items)}] Q: {item.question}\n      A: {answer.text!r}  truth: {item.answer!r}  "
+              f"{'ok' if ok else 'WRONG'}  tokens kept {answer.visual_tokens_kept}/{answer.visual_tokens_in}")
+    print(f"accuracy: {correct}/{len(items)} = {correct / len(items):.1%} "
+          f"(method {pipeline.name}, retain {pipeline.budget.retain}, model {adapter.model_dir})")
+    return 0
+
+
+def _float_list(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+    if not values or any(not 0 < v <= 1 for v in values):
+        raise ConfigError(f"{flag} values must be in (0, 1], got {text!r}")
+    return values
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench == "accuracy":
+        return bench_accuracy(args)
+    raise ConfigError(f"unknown benchmark {args.bench!r}")
+
+
+def bench_accuracy(args: argparse.Namespace) -> int:
+    import platform
+
+    from streamprune.bench.accuracy import format_table, plot, run_accuracy_bench, write_json
+    from streamprune.pruning.registry import available
+
+    retains = _float_list(args.retain, "--retain")
+    registered = available()
+    if args.methods == "all":
+        methods = [m for m, cls in registered.items() if m != "none"]
+    else:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        from streamprune.config import method_config
+
+        for m in methods:
+            method_config(m)  # raises a one-line error for unknown names
+    adapter = load_model(args.model)
+    rows = run_accuracy_bench(adapter, methods, retains, args.n, seed=args.seed, progress=sys.stderr.isatty())
+    print(format_table(rows))
+    meta = {"model": str(adapter.model_dir), "family": adapter.family, "n": args.n, "retains": retains,
+            "machine": f"{platform.machine()} {platform.processor() or ''} cpus={__import__('os').cpu_count()}",
+            "torch_threads": __import__("torch").get_num_threads()}
+    if args.json:
+        write_json(rows, args.json, meta)
+    if args.plot:
+        plot(rows, args.plot)
+    return 0
+
+
+COMMANDS = {"ask": cmd_ask, "methods": cmd_methods, "demo": cmd_demo, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -104,7 +104,7 @@ def test_inner_llm_attention_matches_eager_attention_weights(tiny_model_dirs, fa
     video = adapter.encode(clip, fps=2.0)
     layout = adapter.layout(video, adapter.prompt_ids(QUESTION))
     embeds, positions, kept_slots = layout.keep(Selection(indices=torch.arange(len(video.tokens))))
-    method = make_method("fastv", layer=2)
+    method = make_method("vla_pruner", layer=2)  # reads both the last-row and the all-query attention
     stage = InnerStage(adapter, method, Budget(retain=0.5), PruneContext(), kept_slots, embeds[kept_slots])
     adapter.forward_layers(embeds, positions, DynamicCache(), stage)
     with torch.inference_mode():

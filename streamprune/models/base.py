@@ -79,6 +79,7 @@ class Answer:
     token_ids: list[int]
     visual_tokens_in: int
     visual_tokens_kept: int
+    visual_tokens_pre_llm: int = 0  # kept before the LLM (differs from kept with an inner-LLM stage)
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -244,7 +245,7 @@ class VideoLLMAdapter(ABC):
         text = self.tokenizer.decode(out, skip_special_tokens=True).strip()
         kept = inner.kept if inner is not None else len(selection)
         return Answer(text=text, token_ids=out, visual_tokens_in=len(video.tokens),
-                      visual_tokens_kept=kept, timings_ms=dict(timer.ms))
+                      visual_tokens_kept=kept, visual_tokens_pre_llm=len(selection), timings_ms=dict(timer.ms))
 
 
 class InnerStage:
@@ -255,8 +256,7 @@ class InnerStage:
 
     def __init__(self, adapter: VideoLLMAdapter, method: PruningMethod, budget: Budget, ctx: PruneContext,
                  visual_slots: torch.Tensor, input_embeds: torch.Tensor) -> None:
-        n_layers = len(adapter.language_model.layers)
-        self.layer = max(1, min(int(method.config.layer), n_layers - 1))
+        self.layer = inner_layer(adapter, method)
         self.method, self.budget, self.ctx = method, budget, ctx
         self.visual_slots = visual_slots
         self.input_embeds = input_embeds
@@ -273,16 +273,16 @@ class InnerStage:
         cos, sin = (r[0][None] for r in rope)  # [1, L, d]
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         k = k.repeat_interleave(heads // k.shape[0], dim=0)
-        last = torch.zeros(length)
-        mean = torch.zeros(length)
-        causal = torch.ones(length, length, dtype=torch.bool).tril()
-        for head in range(heads):
-            scores = (q[head].float() @ k[head].float().T) * attn.scaling
-            probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
-            last += probs[-1]
-            mean += probs.mean(dim=0)
-        self.attention = {"llm_attention_last": last[self.visual_slots] / heads,
-                          "llm_attention_mean": mean[self.visual_slots] / heads}
+        # the last query row is O(L d); the all-query mean is O(L^2 d), so only when asked for
+        last = torch.softmax((q[:, -1:].float() @ k.float().transpose(1, 2)) * attn.scaling, dim=-1)
+        self.attention = {"llm_attention_last": last.mean(dim=0)[0, self.visual_slots]}
+        if "llm_attention_mean" in self.method.requires:
+            mean = torch.zeros(length)
+            causal = torch.ones(length, length, dtype=torch.bool).tril()
+            for head in range(heads):
+                scores = (q[head].float() @ k[head].float().T) * attn.scaling
+                mean += torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1).mean(dim=0)
+            self.attention["llm_attention_mean"] = mean[self.visual_slots] / heads
 
     def prune(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t_slots = self.visual_slots
@@ -301,6 +301,12 @@ class InnerStage:
             hidden[0, t_slots[selection.indices]] = selection.features.to(hidden.dtype)
         self.kept = len(selection)
         return hidden[:, keep], positions[:, keep]
+
+
+def inner_layer(adapter: VideoLLMAdapter, method: PruningMethod) -> int:
+    """The decoder layer an inner stage prunes at: its configured layer, clamped to the model
+    (tiny models have fewer layers than the papers' K)."""
+    return max(1, min(int(method.config.layer), len(adapter.language_model.layers) - 1))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
