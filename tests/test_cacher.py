@@ -14,8 +14,10 @@ from transformers import (
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
-from streamprune.encode import CacherConfig, STCCacher
+from streamprune.encode import CacherConfig, QwenSTCCacher, STCCacher, make_cacher
 from streamprune.errors import ConfigError, InputError
+from streamprune.models.preprocess import qwen_video_patches
+from streamprune.models.tiny import tiny_llava_onevision, tiny_qwen2_5_vl, word_tokenizer
 
 # A cache_interval this large means only the first frame is an interval refresh.
 NO_INTERVAL = 10_000
@@ -159,11 +161,11 @@ def test_cacher_feeds_llava_onevision_like_its_own_vision_path() -> None:
     torch.testing.assert_close(ours, theirs[:, :-1], atol=1e-5, rtol=0)  # last = newline token
 
 
-def test_cacher_rejects_other_towers_and_bad_input(tower: SiglipVisionModel) -> None:
-    qwen = Qwen2_5_VisionTransformerPretrainedModel(
-        Qwen2_5_VLVisionConfig(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=16))
+def test_cacher_rejects_wrong_towers_and_bad_input(tower: SiglipVisionModel, qwen_visual) -> None:
     with pytest.raises(ConfigError, match="SigLIP"):
-        STCCacher(qwen)
+        STCCacher(qwen_visual)
+    with pytest.raises(ConfigError, match="Qwen2.5-VL"):
+        QwenSTCCacher(tower)
     with pytest.raises(ConfigError):
         CacherConfig(update_token_ratio=0.0)
     with pytest.raises(ConfigError):
@@ -181,3 +183,89 @@ def test_stc_method_file_wires_cacher_then_pruner() -> None:
     assert [m.name for m in pipeline.pre_llm] == ["stc_pruner"]
     assert pipeline.budget.count(196) == 60
     assert CacherConfig(**pipeline.encoder_options["stc_cacher"]) == CacherConfig()
+
+
+# -- Qwen2.5-VL ViT (our port of the rule: rotary keys/queries, windowed attention) --------------
+
+
+@pytest.fixture(scope="module")
+def qwen_visual() -> Qwen2_5_VisionTransformerPretrainedModel:
+    # initializer_range 0.3 (not 0.02) makes attention sharp enough that dropping the windows or
+    # the rotary changes the output by >10 (checked), so the equality test below can fail
+    torch.manual_seed(0)
+    config = Qwen2_5_VLVisionConfig(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=24,
+                                    patch_size=8, window_size=32, fullatt_block_indexes=[1, 3],
+                                    initializer_range=0.3)
+    return Qwen2_5_VisionTransformerPretrainedModel(config).eval()
+
+
+def _qwen_input(frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[T, 64, 96, 3]` uint8 -> patches on an 8x12 patch grid = 2x3 windows of 4x4 patches."""
+    return qwen_video_patches(frames.numpy(), patch_size=8, merge_size=2, min_pixels=64 * 64, max_pixels=64 * 96)
+
+
+def _qwen_pan(n: int) -> torch.Tensor:
+    coarse = torch.rand(1, 3, 8, 16, generator=torch.Generator().manual_seed(3))
+    scene = F.interpolate(coarse, size=(64, 160), mode="bicubic", align_corners=False).clamp(0, 1)
+    return (torch.stack([scene[0, :, :, s:s + 96] for s in range(n)]).permute(0, 2, 3, 1) * 255).byte()
+
+
+def _qwen_plain(visual: Qwen2_5_VisionTransformerPretrainedModel, patches: torch.Tensor,
+                grid: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return visual(patches, grid_thw=grid).pooler_output
+
+
+def test_qwen_cacher_recomputing_every_token_equals_plain_tower(qwen_visual) -> None:
+    frames = torch.randint(0, 256, (8, 64, 96, 3), generator=torch.Generator().manual_seed(8), dtype=torch.uint8)
+    patches, grid = _qwen_input(frames)
+    cacher = QwenSTCCacher(qwen_visual, CacherConfig(update_token_ratio=1.0, cache_interval=NO_INTERVAL,
+                                                     refresh_threshold=None))
+    out = cacher.encode(patches, grid)
+    assert (cacher.stats.frames, cacher.stats.cache_hits) == (4, 3)  # 8 frames = 4 temporal patches
+    torch.testing.assert_close(out, _qwen_plain(qwen_visual, patches, grid), atol=1e-5, rtol=1e-5)
+    assert cacher.stats.flops_saved_share == 0  # recomputing everything saves nothing
+
+
+def test_qwen_cacher_static_hits_and_scene_cut_refreshes(qwen_visual) -> None:
+    still = _qwen_pan(1).expand(8, -1, -1, -1)
+    patches, grid = _qwen_input(still)
+    cacher = QwenSTCCacher(qwen_visual, CacherConfig(cache_interval=NO_INTERVAL))
+    out = cacher.encode(patches, grid)
+    assert (cacher.stats.cache_hits, cacher.stats.full_refreshes) == (3, 1)
+    torch.testing.assert_close(out, _qwen_plain(qwen_visual, patches, grid), atol=1e-5, rtol=1e-5)
+    assert cacher.stats.flops_saved_share > 0.2
+
+    other = torch.randint(0, 256, (2, 64, 96, 3), generator=torch.Generator().manual_seed(9), dtype=torch.uint8)
+    cut_patches, cut_grid = _qwen_input(other)
+    cut = cacher.encode(cut_patches, cut_grid)
+    assert (cacher.stats.full_refreshes, cacher.stats.scene_cut_refreshes) == (2, 1)
+    torch.testing.assert_close(cut, _qwen_plain(qwen_visual, cut_patches, cut_grid), atol=1e-5, rtol=1e-5)
+
+
+def test_qwen_cacher_reuse_beats_stale_features_on_slow_pan(qwen_visual) -> None:
+    # Measured (rho 0.25, interval 2, 16 frames = 8 temporal patches, 2 px per patch): cached vs
+    # recomputed merged tokens mean cosine 0.916, stale reuse of the reference's output 0.854.
+    patches, grid = _qwen_input(_qwen_pan(16))
+    cacher = QwenSTCCacher(qwen_visual, CacherConfig(refresh_threshold=None))
+    out = cacher.encode(patches, grid).view(8, 24, -1)
+    plain = _qwen_plain(qwen_visual, patches, grid).view(8, 24, -1)
+    hits = torch.arange(1, 8, 2)
+    assert cacher.stats.cache_hits == len(hits)
+    cos = F.cosine_similarity(out[hits], plain[hits], dim=-1).mean()
+    stale = F.cosine_similarity(plain[hits - 1], plain[hits], dim=-1).mean()
+    assert cos > 0.88 and (1 - cos) < 0.75 * (1 - stale)
+
+
+def test_make_cacher_matches_each_family_vision_path() -> None:
+    tokenizer = word_tokenizer()
+    assert isinstance(make_cacher(tiny_llava_onevision(tokenizer)), STCCacher)
+    model = tiny_qwen2_5_vl(tokenizer)
+    cacher = make_cacher(model, CacherConfig(update_token_ratio=1.0, refresh_threshold=None))
+    assert isinstance(cacher, QwenSTCCacher)
+    frames = torch.randint(0, 256, (4, 112, 168, 3), generator=torch.Generator().manual_seed(10), dtype=torch.uint8)
+    patches, grid = qwen_video_patches(frames.numpy(), min_pixels=112 * 168, max_pixels=112 * 168)
+    with torch.no_grad():
+        theirs = model.model.get_video_features(patches, grid).pooler_output[0]
+    torch.testing.assert_close(cacher.encode(patches, grid), theirs, atol=1e-5, rtol=1e-5)
+    assert cacher.stats.cache_hits == 1

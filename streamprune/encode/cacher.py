@@ -5,34 +5,39 @@ Paper: Wang et al., "Accelerating Streaming Video LLMs via Hierarchical Token Co
 `model/custom_siglip.py` and the refactor `stc/cacher/reference_forward.py`), not the README.
 
 Rule, per encoder layer, for one frame at a time:
-- Refresh frame: the ordinary pre-LN block. Its key projection K, value projection V, attention
-  branch output A = out_proj(attn) and MLP branch output M are stored per layer as the reference.
-- Other frames (the selective path): x = LN1(h); K = W_k x for every token; s_i = cos(K_i, K_ref_i)
-  (same layer, same patch position); U = the m = max(1, floor(N * rho)) tokens with the lowest s.
-  Only for U: Q_U = W_q x_U and V_U = W_v x_U; V = V_ref with rows U replaced by V_U;
-  A_U = out_proj(SDPA(Q_U, K, V)); A = A_ref with rows U replaced; h = h + A;
-  M = M_ref with rows U replaced by MLP(LN2(h)_U); h = h + M. The residual stream itself is
-  always the current frame's; only branch outputs are reused. The reference is not updated.
-- Defaults of the code: rho = `update_token_ratio` = 0.25, refresh every `cache_interval` = 2
+- Refresh frame: the ordinary pre-norm block. Its keys K, values V, attention branch output
+  A = out_proj(attn) and MLP branch output M are stored per layer as the reference.
+- Other frames (the selective path): x = norm1(h); K = W_k x for every token;
+  s_i = cos(K_i, K_ref_i) (same layer, same patch position); U = the m = max(1, floor(N * rho))
+  tokens with the lowest s. Only for U: Q_U = W_q x_U and V_U = W_v x_U; V = V_ref with rows U
+  replaced by V_U; A_U = out_proj(attention(Q_U, K, V)); A = A_ref with rows U replaced;
+  h = h + A; M = M_ref with rows U replaced by MLP(norm2(h)_U); h = h + M. The residual stream
+  is always the current frame's; only branch outputs are reused. The reference is not updated.
+- Code defaults: rho = `update_token_ratio` = 0.25 and a refresh every `cache_interval` = 2
   frames (frame c is a refresh iff c mod 2 == 0, i.e. every other frame).
 
 Our addition (not in the authors' code): `refresh_threshold`. Their README speaks of caching
 frames whose cosine similarity exceeds 0.85, but the code has no frame-level test, only the
 fixed interval and the per-token ratio. We add a scene-cut check that costs nothing extra: the
-mean over tokens of the layer-0 key cosine s_i (which the selective path computes anyway); if
-it falls below `refresh_threshold` (default 0.85, the README's number, not validated on real
-SigLIP weights) the frame is recomputed in full and becomes the new reference, and the interval
-restarts from it. `refresh_threshold=None` gives the code's behaviour exactly.
+mean over tokens of the layer-0 key cosine s_i (which the selective path computes anyway); if it
+falls below `refresh_threshold` (default 0.85, the README's number, not validated on real
+weights) the frame is recomputed in full, becomes the new reference, and the interval restarts
+from it. `refresh_threshold=None` gives the code's behaviour.
 
-Scope: the HF SigLIP tower (`SiglipVisionModel`, as `model.model.vision_tower` of
-`LlavaOnevisionForConditionalGeneration`). Other towers (e.g. Qwen2.5-VL's windowed, rotary,
-flattened-patch ViT) raise ConfigError: their selective path is not implemented here.
-State is per cacher object (one per stream); the tower's weights are shared, never patched.
+Towers: `STCCacher` wraps HF SigLIP (`SiglipVisionModel`, LLaVA-OneVision's
+`model.model.vision_tower`), which is what the authors patch. `QwenSTCCacher` applies the same
+rule to the Qwen2.5-VL ViT (`model.model.visual`); that port is ours: keys and queries carry the
+tower's 2-D rotary embedding (a per-position rotation, so the key cosine is unchanged by it), a
+recomputed query attends only within its own window (or the whole frame in the full-attention
+blocks), exactly as the plain block does, and the patch merger always runs in full. One Qwen
+"frame" is a temporal patch (2 video frames). State is per cacher object, one per stream; the
+tower's weights are shared and never patched.
 """
 
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
@@ -64,8 +69,8 @@ class CacherConfig:
 @dataclass
 class CacherStats:
     """What the cacher did since the last reset. FLOPs count matrix products only (2 per
-    multiply-add) of the patch embedding and the encoder layers actually run; norms, softmax,
-    activations and the cosine test are O(N*D) and left out on both sides."""
+    multiply-add) of the patch embedding, the encoder layers run and (Qwen) the merger; norms,
+    softmax, activations, rotary and the cosine test are O(N*D) and left out on both sides."""
 
     frames: int = 0
     cache_hits: int = 0  # frames served by the selective path
@@ -91,12 +96,231 @@ class _LayerReference:
 
 
 @dataclass
+class _Keys:
+    """A layer's norm1 output x and keys `[N, D]`, and per-token cosine to the reference `[N]`."""
+
+    x: torch.Tensor
+    key: torch.Tensor
+    sim: torch.Tensor | None
+
+
+class _Block(ABC):
+    """How one tower's pre-norm block exposes the pieces the STC rule needs. Tensors are one
+    frame's tokens, `[N, D]` (or `[R, D]` for the R rows being recomputed)."""
+
+    def __init__(self, layer: nn.Module, heads: int, scale: float, mlp_flops_per_row: float) -> None:
+        self.layer, self.heads, self.scale = layer, heads, scale
+        self.mlp_flops_per_row = mlp_flops_per_row
+
+    @abstractmethod
+    def norm_keys(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm1(h), keys as attention uses them), both `[N, D]`."""
+
+    @abstractmethod
+    def queries_values(self, x_rows: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries and values `[R, D]` of the normed rows `x_rows` at token positions `rows`."""
+
+    @abstractmethod
+    def out_proj(self, attn: torch.Tensor) -> torch.Tensor:
+        """The attention output projection, `[R, D]` -> `[R, D]`."""
+
+    @abstractmethod
+    def mlp(self, h_rows: torch.Tensor) -> torch.Tensor:
+        """Norm2 then MLP on some rows (norm2 is per token, so rows can be picked first)."""
+
+    def attention_mask(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """`[R, N]` bool, True where a query may attend; None = every key."""
+        return None
+
+    def keys_per_row(self, rows: torch.Tensor, n: int) -> int:
+        """Keys attended, summed over the query rows (for the FLOPs count)."""
+        return rows.numel() * n
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Multi-head attention of queries `[R, D]` over keys/values `[N, D]`, then out_proj."""
+        heads = lambda t: t.view(t.shape[0], self.heads, -1).transpose(0, 1)[None]  # noqa: E731
+        out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=self.attention_mask(rows),
+                                             scale=self.scale)
+        return self.out_proj(out[0].transpose(0, 1).reshape(q.shape))
+
+
+class _SiglipBlock(_Block):
+    def __init__(self, layer: nn.Module, intermediate: int) -> None:
+        attn = layer.self_attn
+        super().__init__(layer, attn.num_heads, attn.scale, 4.0 * attn.embed_dim * intermediate)
+
+    def norm_keys(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.layer.layer_norm1(h)
+        return x, self.layer.self_attn.k_proj(x)
+
+    def queries_values(self, x_rows: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        attn = self.layer.self_attn
+        return attn.q_proj(x_rows), attn.v_proj(x_rows)
+
+    def out_proj(self, attn: torch.Tensor) -> torch.Tensor:
+        return self.layer.self_attn.out_proj(attn)
+
+    def mlp(self, h_rows: torch.Tensor) -> torch.Tensor:
+        return self.layer.mlp(self.layer.layer_norm2(h_rows))
+
+
+class _QwenBlock(_Block):
+    """Qwen2.5-VL block for one frame in window order: fused qkv, 2-D rotary on q and k, attention
+    within `segments` (window ids, or None for the full-attention blocks)."""
+
+    def __init__(self, layer: nn.Module, intermediate: int, rope: tuple[torch.Tensor, torch.Tensor],
+                 segments: torch.Tensor | None) -> None:
+        attn = layer.attn
+        super().__init__(layer, attn.num_heads, attn.scaling, 6.0 * attn.dim * intermediate)
+        self.cos, self.sin = rope
+        self.segments = segments
+        self.dim = attn.dim
+
+    def _rotate(self, t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        cos, sin = (self.cos, self.sin) if rows is None else (self.cos[rows], self.sin[rows])
+        x = t.view(t.shape[0], self.heads, -1).float()
+        half = x.shape[-1] // 2
+        turned = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return (x * cos[:, None].float() + turned * sin[:, None].float()).to(t.dtype).reshape(t.shape)
+
+    def _proj(self, x: torch.Tensor, part: int) -> torch.Tensor:
+        """Rows `part*D:(part+1)*D` of the fused qkv projection (0 = q, 1 = k, 2 = v)."""
+        qkv = self.layer.attn.qkv
+        sl = slice(part * self.dim, (part + 1) * self.dim)
+        return F.linear(x, qkv.weight[sl], None if qkv.bias is None else qkv.bias[sl])
+
+    def norm_keys(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.layer.norm1(h)
+        return x, self._rotate(self._proj(x, 1), None)
+
+    def queries_values(self, x_rows: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._rotate(self._proj(x_rows, 0), rows), self._proj(x_rows, 2)
+
+    def out_proj(self, attn: torch.Tensor) -> torch.Tensor:
+        return self.layer.attn.proj(attn)
+
+    def mlp(self, h_rows: torch.Tensor) -> torch.Tensor:
+        return self.layer.mlp(self.layer.norm2(h_rows))
+
+    def attention_mask(self, rows: torch.Tensor) -> torch.Tensor | None:
+        if self.segments is None:
+            return None
+        return self.segments[rows][:, None] == self.segments[None, :]
+
+    def keys_per_row(self, rows: torch.Tensor, n: int) -> int:
+        if self.segments is None:
+            return rows.numel() * n
+        sizes = torch.bincount(self.segments)
+        return int(sizes[self.segments[rows]].sum())
+
+
+def _layer_flops(block: _Block, n: int, d: int, rows: torch.Tensor) -> float:
+    """K for all n tokens; Q, V, scores, weighted sum, out-proj and MLP for `rows`."""
+    r = rows.numel()
+    return (2.0 * n * d * d + 2.0 * r * d * 2 * d + 4.0 * d * block.keys_per_row(rows, n)
+            + 2.0 * r * d * d + r * block.mlp_flops_per_row)
+
+
+def _full_layer(block: _Block, h: torch.Tensor, pre: _Keys | None) -> tuple[torch.Tensor, _LayerReference, float]:
+    """The plain block on `[N, D]`, with its reference and FLOPs; `pre` = norm1/keys done already."""
+    x, key = block.norm_keys(h) if pre is None else (pre.x, pre.key)
+    rows = torch.arange(h.shape[0])
+    q, value = block.queries_values(x, rows)
+    attn_out = block.attend(q, key, value, rows)
+    h = h + attn_out
+    mlp_out = block.mlp(h)
+    return h + mlp_out, _LayerReference(key, value, attn_out, mlp_out), _layer_flops(block, h.shape[0], h.shape[1], rows)
+
+
+def _selective_layer(block: _Block, h: torch.Tensor, ref: _LayerReference, m: int,
+                     pre: _Keys | None) -> tuple[torch.Tensor, float]:
+    """The block on `[N, D]` recomputing only the m tokens whose keys moved most from `ref`."""
+    keys = _keys(block, h, ref) if pre is None else pre
+    rows = torch.topk(keys.sim, m, largest=False).indices
+    q_rows, v_rows = block.queries_values(keys.x[rows], rows)
+    value = ref.value.clone()
+    value[rows] = v_rows
+    attn_out = ref.attn_out.clone()
+    attn_out[rows] = block.attend(q_rows, keys.key, value, rows)
+    h = h + attn_out
+    mlp_out = ref.mlp_out.clone()
+    mlp_out[rows] = block.mlp(h[rows])
+    return h + mlp_out, _layer_flops(block, h.shape[0], h.shape[1], rows)
+
+
+def _keys(block: _Block, h: torch.Tensor, ref: _LayerReference) -> _Keys:
+    x, key = block.norm_keys(h)
+    return _Keys(x, key, F.cosine_similarity(key, ref.key, dim=-1))
+
+
+@dataclass
 class _StreamState:
     layers: list[_LayerReference] = field(default_factory=list)
     frames_since_refresh: int = 0
+    geometry: tuple = ()  # a reference is only reusable for frames of the same token layout
 
 
-class STCCacher:
+class _StreamCacher:
+    """The per-stream STC decision and bookkeeping, shared by the towers."""
+
+    def __init__(self, config: CacherConfig | None) -> None:
+        self.config = config if config is not None else CacherConfig()
+        self.stats = CacherStats()
+        self._state = _StreamState()
+
+    def reset(self) -> None:
+        """Forget the reference and the stats (call at a new stream or episode)."""
+        self._state = _StreamState()
+        self.stats = CacherStats()
+
+    def _update_count(self, n_tokens: int) -> int:
+        return max(1, min(n_tokens, int(n_tokens * self.config.update_token_ratio)))
+
+    def _run_frame(self, h: torch.Tensor, blocks: list[_Block], geometry: tuple,
+                   keep: list[int], fixed_flops: float) -> list[torch.Tensor]:
+        """`[N, D]` embedded tokens of one frame through `blocks`; returns the hidden states after
+        each layer count in `keep` (0 = the input). `fixed_flops`: work done in full either way."""
+        state, cfg = self._state, self.config
+        kept = {0: h} if 0 in keep else {}
+        full = (not state.layers or state.geometry != geometry
+                or state.frames_since_refresh + 1 >= cfg.cache_interval)
+        first: _Keys | None = None
+        if not full and blocks:
+            # layer-0 keys serve both the scene-cut test and layer 0's token selection
+            first = _keys(blocks[0], h, state.layers[0])
+            if cfg.refresh_threshold is not None and float(first.sim.mean()) < cfg.refresh_threshold:
+                full = True
+                self.stats.scene_cut_refreshes += 1
+                logger.debug("STC-Cacher scene cut: mean layer-0 key cosine %.3f", float(first.sim.mean()))
+
+        spent = baseline = fixed_flops
+        all_rows = torch.arange(h.shape[0])
+        references = []
+        m = self._update_count(h.shape[0])
+        for i, block in enumerate(blocks):
+            pre = first if i == 0 else None
+            baseline += _layer_flops(block, h.shape[0], h.shape[1], all_rows)
+            if full:
+                h, ref, flops = _full_layer(block, h, pre)
+                references.append(ref)
+            else:
+                h, flops = _selective_layer(block, h, state.layers[i], m, pre)
+            spent += flops
+            if i + 1 in keep:
+                kept[i + 1] = h
+        if full:
+            state.layers, state.geometry, state.frames_since_refresh = references, geometry, 0
+            self.stats.full_refreshes += 1
+        else:
+            state.frames_since_refresh += 1
+            self.stats.cache_hits += 1
+        self.stats.frames += 1
+        self.stats.flops_full += baseline
+        self.stats.flops_spent += spent
+        return [kept[k] for k in keep]
+
+
+class STCCacher(_StreamCacher):
     """Streaming SigLIP encoder with STC-Cacher reuse; one object per stream.
 
     `feature_layer` indexes the tower's hidden states as LLaVA-OV does (`hidden_states[k]`:
@@ -105,186 +329,127 @@ class STCCacher:
     on the channel axis, as LLaVA-OV does for a list-valued `vision_feature_layer`.
     """
 
-    def __init__(
-        self,
-        vision_tower: nn.Module,
-        config: CacherConfig | None = None,
-        feature_layer: int | list[int] = -1,
-        select_strategy: str = "full",
-    ) -> None:
+    def __init__(self, vision_tower: nn.Module, config: CacherConfig | None = None,
+                 feature_layer: int | list[int] = -1, select_strategy: str = "full") -> None:
         if type(vision_tower).__name__ != "SiglipVisionModel":
-            raise ConfigError(
-                f"STC-Cacher supports the SigLIP vision tower (SiglipVisionModel) only, got {type(vision_tower).__name__}"
-            )
+            raise ConfigError(f"STCCacher wraps a SigLIP vision tower (SiglipVisionModel), got "
+                              f"{type(vision_tower).__name__}; Qwen2.5-VL's ViT takes QwenSTCCacher")
         if select_strategy not in ("full", "default"):
             raise ConfigError(f"select_strategy must be 'full' or 'default', got {select_strategy!r}")
+        super().__init__(config)
         self.tower = vision_tower
-        self.config = config if config is not None else CacherConfig()
         self.select_strategy = select_strategy
         n_layers = len(vision_tower.encoder.layers)
         wanted = [feature_layer] if isinstance(feature_layer, int) else list(feature_layer)
         if not wanted or any(not -(n_layers + 1) <= k <= n_layers for k in wanted):
             raise ConfigError(f"feature_layer {feature_layer} out of range for a tower with {n_layers} layers")
         # hidden_states has n_layers + 1 entries; negative k counts from its end
-        self._feature_indices = [k % (n_layers + 1) for k in wanted]
-        self.layers_run = max(self._feature_indices)
-        self.stats = CacherStats()
-        self._state = _StreamState()
-        self._flops_full_frame, self._flops_selective_frame = self._frame_flops()
+        self._keep = [k % (n_layers + 1) for k in wanted]
+        inner = vision_tower.config.intermediate_size
+        self._blocks: list[_Block] = [_SiglipBlock(layer, inner)
+                                      for layer in vision_tower.encoder.layers[:max(self._keep)]]
 
     @classmethod
     def from_llava_onevision(cls, model: nn.Module, config: CacherConfig | None = None) -> "STCCacher":
         """Cacher for a `LlavaOnevisionForConditionalGeneration` (or its inner `LlavaOnevisionModel`),
         returning the hidden states its `vision_feature_layer` / `_select_strategy` pick."""
-        inner = getattr(model, "model", model)
-        tower = getattr(inner, "vision_tower", None)
+        tower = getattr(getattr(model, "model", model), "vision_tower", None)
         if tower is None:
             raise ConfigError(f"{type(model).__name__} has no vision_tower")
-        cfg = model.config
-        return cls(tower, config, feature_layer=cfg.vision_feature_layer,
-                   select_strategy=cfg.vision_feature_select_strategy)
-
-    def reset(self) -> None:
-        """Forget the reference and the stats (call at a new stream or episode)."""
-        self._state = _StreamState()
-        self.stats = CacherStats()
+        return cls(tower, config, feature_layer=model.config.vision_feature_layer,
+                   select_strategy=model.config.vision_feature_select_strategy)
 
     @torch.no_grad()
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`[F, 3, H, W]` preprocessed frames, in stream order -> `[F, P, Dv]` hidden states of the
-        selected layer(s) (P = patches, minus the first with select_strategy 'default').
-
-        Frames are encoded one at a time so each can reuse the previous reference."""
+        selected layer(s) (P = patches, minus the first with select_strategy 'default'), ready for
+        LLaVA-OV's projector and pooling. Frames go one at a time so each can reuse the reference."""
         emb = self.tower.embeddings
-        if pixel_values.dim() != 4 or pixel_values.shape[1] != emb.config.num_channels:
-            raise InputError(f"pixel_values must be [F, {emb.config.num_channels}, H, W], got {tuple(pixel_values.shape)}")
+        channels = emb.config.num_channels
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != channels:
+            raise InputError(f"pixel_values must be [F, {channels}, H, W], got {tuple(pixel_values.shape)}")
         if tuple(pixel_values.shape[2:]) != (emb.image_size, emb.image_size):
-            raise InputError(
-                f"frames must be {emb.image_size}x{emb.image_size} for this tower, got {tuple(pixel_values.shape[2:])}"
-            )
-        outputs = [self._encode_frame(emb(frame[None])) for frame in pixel_values]
-        hidden = torch.cat(outputs, dim=0)
-        return hidden[:, 1:] if self.select_strategy == "default" else hidden
-
-    # -- one frame ---------------------------------------------------------------------------
-    def _encode_frame(self, h: torch.Tensor) -> torch.Tensor:
-        """`[1, N, D]` patch embeddings -> `[1, N, D']` selected hidden states."""
-        state, cfg = self._state, self.config
-        layers = self.tower.encoder.layers
-        kept = {0: h} if 0 in self._feature_indices else {}
-        full = not state.layers or state.frames_since_refresh + 1 >= cfg.cache_interval
-        first: _Keys | None = None
-        if not full and self.layers_run > 0:
-            # layer-0 keys serve both the scene-cut test and layer 0's token selection
-            first = _keys(layers[0], h, state.layers[0])
-            if cfg.refresh_threshold is not None and float(first.sim.mean()) < cfg.refresh_threshold:
-                full = True
-                self.stats.scene_cut_refreshes += 1
-                logger.debug("STC-Cacher scene cut: mean layer-0 key cosine %.3f", float(first.sim.mean()))
-
-        if full:
-            references = []
-            for i in range(self.layers_run):
-                h, ref = _full_layer(layers[i], h, first if i == 0 else None)
-                references.append(ref)
-                if i + 1 in self._feature_indices:
-                    kept[i + 1] = h
-            state.layers = references
-            state.frames_since_refresh = 0
-            self.stats.full_refreshes += 1
-            self.stats.flops_spent += self._flops_full_frame
-        else:
-            m = self._update_count(h.shape[1])
-            for i in range(self.layers_run):
-                h = _selective_layer(layers[i], h, state.layers[i], m, first if i == 0 else None)
-                if i + 1 in self._feature_indices:
-                    kept[i + 1] = h
-            state.frames_since_refresh += 1
-            self.stats.cache_hits += 1
-            self.stats.flops_spent += self._flops_selective_frame
-        self.stats.frames += 1
-        self.stats.flops_full += self._flops_full_frame
-        return torch.cat([kept[k] for k in self._feature_indices], dim=-1)
-
-    def _update_count(self, n_tokens: int) -> int:
-        return max(1, min(n_tokens, int(n_tokens * self.config.update_token_ratio)))
-
-    def _frame_flops(self) -> tuple[float, float]:
-        """Analytic (full, selective) FLOPs of one frame: patch embedding + the layers run."""
-        c = self.tower.config
-        n = (c.image_size // c.patch_size) ** 2
-        d, inner = c.hidden_size, c.intermediate_size
-        m = self._update_count(n)
-        embed = 2.0 * n * (c.num_channels * c.patch_size**2) * d
-
-        def layer(rows: int, key_rows: int) -> float:
-            # K for key_rows tokens, Q and V for `rows`, scores + weighted sum, out_proj, MLP
-            return (2.0 * key_rows * d * d + 2.0 * rows * d * 2 * d + 2.0 * 2 * rows * n * d
-                    + 2.0 * rows * d * d + 2.0 * 2 * rows * d * inner)
-
-        return embed + self.layers_run * layer(n, n), embed + self.layers_run * layer(m, n)
+            raise InputError(f"frames must be {emb.image_size}x{emb.image_size} for this tower, "
+                             f"got {tuple(pixel_values.shape[2:])}")
+        n = emb.num_patches
+        embed_flops = 2.0 * n * channels * emb.patch_size**2 * emb.embed_dim
+        outputs = []
+        for frame in pixel_values:
+            hidden = self._run_frame(emb(frame[None])[0], self._blocks, (n,), self._keep, embed_flops)
+            outputs.append(torch.cat(hidden, dim=-1))
+        out = torch.stack(outputs)
+        return out[:, 1:] if self.select_strategy == "default" else out
 
 
-def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """`[1, T, D]` -> `[1, heads, T, D/heads]`."""
-    return x.view(x.shape[0], x.shape[1], num_heads, -1).transpose(1, 2)
+class QwenSTCCacher(_StreamCacher):
+    """Streaming Qwen2.5-VL ViT (`Qwen2_5_VisionTransformerPretrainedModel`) with STC-Cacher
+    reuse, one temporal patch at a time; one object per stream (see the module docstring)."""
+
+    def __init__(self, visual: nn.Module, config: CacherConfig | None = None) -> None:
+        if type(visual).__name__ != "Qwen2_5_VisionTransformerPretrainedModel":
+            raise ConfigError(f"QwenSTCCacher wraps Qwen2.5-VL's vision transformer, got {type(visual).__name__}")
+        super().__init__(config)
+        self.visual = visual
+
+    @classmethod
+    def from_qwen2_5_vl(cls, model: nn.Module, config: CacherConfig | None = None) -> "QwenSTCCacher":
+        """Cacher for a `Qwen2_5_VLForConditionalGeneration` (or its inner `Qwen2_5_VLModel`)."""
+        visual = getattr(getattr(model, "model", model), "visual", None)
+        if visual is None:
+            raise ConfigError(f"{type(model).__name__} has no visual tower")
+        return cls(visual, config)
+
+    def _geometry(self, h: int, w: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """For one `[1, h, w]` temporal patch: window order `[N/unit]`, rotary (cos, sin) `[N, hd]`
+        in window order, and each token's window id `[N]`."""
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+            get_vision_position_ids,
+            get_vision_window_index,
+        )
+
+        v = self.visual
+        grid = torch.tensor([[1, h, w]])
+        window_index, cu_windows = get_vision_window_index(grid, v.spatial_merge_size, v.window_size, v.patch_size)
+        positions = get_vision_position_ids(grid, v.spatial_merge_size)
+        n = h * w
+        cos, sin = v.rotary_pos_emb(torch.empty(0), positions)
+        cos, sin = (v.permute_input_for_window_attn(t, window_index, seq_len=n) for t in (cos, sin))
+        windows = torch.bucketize(torch.arange(n), cu_windows[1:].long(), right=True)
+        return window_index, (cos, sin), windows
+
+    @torch.no_grad()
+    def encode(self, patches: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Flattened video patches `[T*h*w, 3*tp*p*p]` and `video_grid_thw` `[1, 3]` (one video, as
+        from the Qwen2.5-VL processor) -> merged tokens `[T*h*w/unit, D_out]` in the model's own
+        order, what `get_video_features` returns for the video. Temporal patches go one at a time."""
+        v = self.visual
+        if grid_thw.shape != (1, 3):
+            raise InputError(f"grid_thw must be [1, 3] (one video), got {tuple(grid_thw.shape)}")
+        t, h, w = (int(s) for s in grid_thw[0])
+        n = h * w
+        if patches.dim() != 2 or patches.shape[0] != t * n:
+            raise InputError(f"patches must be [{t * n}, C] for grid {t}x{h}x{w}, got {tuple(patches.shape)}")
+        window_index, rope, windows = self._geometry(h, w)
+        inner = v.config.intermediate_size
+        blocks: list[_Block] = [_QwenBlock(blk, inner, rope, None if i in v.fullatt_block_indexes else windows)
+                                for i, blk in enumerate(v.blocks)]
+        d, unit = v.config.hidden_size, v.spatial_merge_unit
+        fixed = (2.0 * n * patches.shape[1] * d  # patch embedding
+                 + 2.0 * (n / unit) * (d * unit) ** 2 + 2.0 * (n / unit) * d * unit * v.config.out_hidden_size)
+        restore = torch.argsort(window_index)
+        merged = []
+        for frame in patches.type(v.dtype).view(t, n, -1):
+            x = v.permute_input_for_window_attn(v.patch_embed(frame), window_index, seq_len=n)
+            (hidden,) = self._run_frame(x, blocks, (h, w), [len(blocks)], fixed)
+            merged.append(v.merger(hidden)[restore])
+        return torch.cat(merged)
 
 
-def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Multi-head attention of queries `[1, T, D]` over keys/values `[1, N, D]` + out_proj."""
-    out = F.scaled_dot_product_attention(
-        _heads(q, attn.num_heads), _heads(k, attn.num_heads), _heads(v, attn.num_heads), scale=attn.scale
-    )
-    return attn.out_proj(out.transpose(1, 2).reshape(q.shape))
-
-
-@dataclass
-class _Keys:
-    """A layer's LN1 output x and keys `[1, N, D]`, and per-token cosine to the reference `[N]`."""
-
-    x: torch.Tensor
-    key: torch.Tensor
-    sim: torch.Tensor
-
-
-def _keys(layer: nn.Module, h: torch.Tensor, ref: _LayerReference) -> _Keys:
-    x = layer.layer_norm1(h)
-    key = layer.self_attn.k_proj(x)
-    return _Keys(x, key, F.cosine_similarity(key[0], ref.key, dim=-1))
-
-
-def _full_layer(layer: nn.Module, h: torch.Tensor, pre: _Keys | None) -> tuple[torch.Tensor, _LayerReference]:
-    """The plain SigLIP block on `[1, N, D]`, also returning its reference tensors; `pre` reuses
-    LN1 and keys already computed for this layer."""
-    attn = layer.self_attn
-    x = layer.layer_norm1(h) if pre is None else pre.x
-    key = attn.k_proj(x) if pre is None else pre.key
-    value = attn.v_proj(x)
-    attn_out = _attend(attn, attn.q_proj(x), key, value)
-    h = h + attn_out
-    mlp_out = layer.mlp(layer.layer_norm2(h))
-    h = h + mlp_out
-    return h, _LayerReference(key=key[0], value=value[0], attn_out=attn_out[0], mlp_out=mlp_out[0])
-
-
-def _selective_layer(
-    layer: nn.Module,
-    h: torch.Tensor,
-    ref: _LayerReference,
-    m: int,
-    pre: _Keys | None,
-) -> torch.Tensor:
-    """The block on `[1, N, D]` recomputing only the m tokens whose keys moved most from `ref`."""
-    attn = layer.self_attn
-    keys = _keys(layer, h, ref) if pre is None else pre
-    x, key = keys.x, keys.key
-    rows = torch.topk(keys.sim, m, largest=False).indices
-    x_rows = x[:, rows]
-    value = ref.value.clone()
-    value[rows] = attn.v_proj(x_rows)[0]
-    attn_out = ref.attn_out.clone()
-    attn_out[rows] = _attend(attn, attn.q_proj(x_rows), key, value[None])[0]
-    h = h + attn_out
-    mlp_out = ref.mlp_out.clone()
-    mlp_out[rows] = layer.mlp(layer.layer_norm2(h)[:, rows])[0]
-    return h + mlp_out
+def make_cacher(model: nn.Module, config: CacherConfig | None = None) -> STCCacher | QwenSTCCacher:
+    """The cacher for a transformers LLaVA-OneVision or Qwen2.5-VL model (one per stream)."""
+    kind = getattr(model.config, "model_type", "")
+    if kind == "llava_onevision":
+        return STCCacher.from_llava_onevision(model, config)
+    if kind == "qwen2_5_vl":
+        return QwenSTCCacher.from_qwen2_5_vl(model, config)
+    raise ConfigError(f"STC-Cacher supports llava_onevision and qwen2_5_vl models, got {kind or type(model).__name__}")
