@@ -113,3 +113,27 @@ def test_inner_llm_attention_matches_eager_attention_weights(tiny_model_dirs, fa
     assert torch.allclose(stage.attention["llm_attention_last"], weights[-1, layout.visual_slots], atol=1e-5)
     assert torch.allclose(stage.attention["llm_attention_mean"], weights[:, layout.visual_slots].mean(0), atol=1e-5)
     assert stage.kept == len(video.tokens) // 2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stc_cacher_with_full_recompute_matches_plain_encoding(tiny_adapters, family):
+    """The cacher path through the adapter (projector, pooling, newline / merger) rebuilds exactly
+    the features the model's own video path gives when every token is recomputed."""
+    from streamprune.encode.cacher import CacherConfig, make_cacher
+
+    adapter = tiny_adapters[family]
+    clip = random_clip(frames=4)
+    plain = adapter.encode(clip, fps=2.0)
+    cacher = make_cacher(adapter.model, CacherConfig(update_token_ratio=1.0, cache_interval=4, refresh_threshold=None))
+    cached = adapter.encode(clip, fps=2.0, cacher=cacher)
+    assert torch.allclose(cached.tokens.features, plain.tokens.features, atol=1e-5)
+    assert torch.allclose(cached.always_kept, plain.always_kept)
+    assert cacher.stats.frames > 0
+
+
+def test_stc_pipeline_answers_through_the_cacher(tiny_adapters):
+    adapter = tiny_adapters["llava_onevision"]
+    pipeline = build_pipeline("stc")
+    assert adapter.make_cacher(pipeline) is not None
+    answer = adapter.answer(random_clip(frames=4), QUESTION, pipeline, fps=2.0, max_new_tokens=2)
+    assert answer.visual_tokens_kept <= pipeline.budget.count(answer.visual_tokens_in)

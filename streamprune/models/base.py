@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from streamprune.errors import ConfigError
 from streamprune.models.prompt import PromptIds, build_prompt_ids
 from streamprune.pruning.base import Budget, PruneContext, PruningMethod
 from streamprune.pruning.pipeline import PruningPipeline
@@ -121,8 +122,23 @@ class VideoLLMAdapter(ABC):
 
     # -- family specific -------------------------------------------------------------------------
     @abstractmethod
-    def encode(self, frames: np.ndarray, fps: float = 1.0, signals: frozenset[str] = frozenset()) -> EncodedVideo:
-        """`[T, H, W, 3]` uint8 frames -> visual tokens; computes the side `signals` asked for."""
+    def encode(self, frames: np.ndarray, fps: float = 1.0, signals: frozenset[str] = frozenset(),
+               cacher: Any = None) -> EncodedVideo:
+        """`[T, H, W, 3]` uint8 frames -> visual tokens; computes the side `signals` asked for.
+        With an STC `cacher` (one per stream, see streamprune.encode) the vision tower reuses
+        work across frames of the stream."""
+
+    def make_cacher(self, pipeline: PruningPipeline) -> Any:
+        """A fresh per-stream STC-Cacher if the pipeline has a `stc_cacher` stage, else None."""
+        options = pipeline.encoder_options.get("stc_cacher")
+        if options is None:
+            return None
+        from streamprune.encode.cacher import CacherConfig, make_cacher
+
+        if pipeline.requires & {"vit_attention"}:
+            raise ConfigError(f"pipeline {pipeline.name!r}: stc_cacher cannot be combined with methods that read "
+                              "vision-encoder attention")
+        return make_cacher(self.model, CacherConfig(**options))
 
     @abstractmethod
     def layout(self, video: EncodedVideo, prompt: PromptIds) -> PromptLayout:
@@ -210,7 +226,7 @@ class VideoLLMAdapter(ABC):
         """Encode, prune, prefill and greedily decode an answer, timing each phase."""
         timer = Timer()
         with timer("encode"):
-            video = self.encode(frames, fps=fps, signals=pipeline.requires)
+            video = self.encode(frames, fps=fps, signals=pipeline.requires, cacher=self.make_cacher(pipeline))
         return self.answer_encoded(video, question, pipeline, ctx, max_new_tokens, timer)
 
     @torch.inference_mode()

@@ -8,6 +8,7 @@ gaps where pruned tokens were (as FastVID, FastV, DivPrune and VLA-Pruner do).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,17 +39,28 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
         return n_frames, pooled, pooled
 
     @torch.inference_mode()
-    def encode(self, frames: np.ndarray, fps: float = 1.0, signals: frozenset[str] = frozenset()) -> EncodedVideo:
+    def encode(self, frames: np.ndarray, fps: float = 1.0, signals: frozenset[str] = frozenset(),
+               cacher: Any = None) -> EncodedVideo:
         pixels = self.pixels(frames)
         with received_attention(self, wanted="vit_attention" in signals) as attention:
-            out = self.model.model.get_video_features(pixel_values_videos=pixels[None], return_dict=True)
-        feats = out.pooler_output[0]  # [T*h*w + 1, D]: frame tokens then the newline
+            if cacher is None:
+                feats = self.model.model.get_video_features(pixel_values_videos=pixels[None], return_dict=True)
+                feats = feats.pooler_output[0]  # [T*h*w + 1, D]: frame tokens then the newline
+            else:
+                feats = self._features_from_hidden(cacher.encode(pixels))
         grid = self.token_grid(pixels.shape[0])
         n = grid[0] * grid[1] * grid[2]
         tokens = VisualTokens(features=feats[:n], thw=VisualTokens.grid_positions(*grid), grid=grid)
         if attention.value is not None:
             tokens.signals["vit_attention"] = attention.value
         return EncodedVideo(tokens=tokens, always_kept=feats[n:], fps=fps)
+
+    def _features_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vision hidden states `[T, P, Dv]` -> `[T*h*w + 1, D]` as `get_video_features` makes them:
+        projector, 2x2 bilinear pooling, one newline token after the video."""
+        inner = self.model.model
+        pooled = inner.apply_pooling(inner.multi_modal_projector(hidden))
+        return torch.cat([pooled.reshape(-1, pooled.shape[-1]), inner.image_newline[None].to(pooled.dtype)])
 
     def layout(self, video: EncodedVideo, prompt: PromptIds) -> PromptLayout:
         n_visual = len(video.tokens) + video.always_kept.shape[0]

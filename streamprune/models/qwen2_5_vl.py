@@ -9,6 +9,7 @@ exactly those it had unpruned, and generated text continues from the unpruned pr
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,12 +58,16 @@ class Qwen25VLAdapter(VideoLLMAdapter):
         return t, h // m, w // m
 
     @torch.inference_mode()
-    def encode(self, frames: np.ndarray, fps: float = 1.0, signals: frozenset[str] = frozenset()) -> EncodedVideo:
+    def encode(self, frames: np.ndarray, fps: float = 1.0, signals: frozenset[str] = frozenset(),
+               cacher: Any = None) -> EncodedVideo:
         patches, grid_thw = self.patches(frames)
         self._grid_thw = grid_thw  # read by attention_received during this call
         with received_attention(self, wanted="vit_attention" in signals) as attention:
-            out = self.model.model.get_video_features(patches, grid_thw, return_dict=True)
-        feats = out.pooler_output[0]  # [t*h*w, D] in raster order of merged tokens
+            if cacher is None:
+                feats = self.model.model.get_video_features(patches, grid_thw, return_dict=True).pooler_output[0]
+            else:
+                feats = cacher.encode(patches, grid_thw)
+        # feats: [t*h*w, D] in raster order of merged tokens
         grid = self.token_grid(grid_thw)
         tokens = VisualTokens(features=feats, thw=VisualTokens.grid_positions(*grid), grid=grid)
         if attention.value is not None:
