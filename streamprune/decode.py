@@ -67,7 +67,7 @@ def _open(path: str | Path) -> Iterator[tuple[av.container.InputContainer, av.vi
         raise InputError(f"not a file: {path}")
     try:
         container = av.open(str(path), mode="r")
-    except (av.FFmpegError, UnicodeDecodeError) as err:
+    except av.FFmpegError as err:
         raise InputError(f"not a readable video (not a video, truncated or corrupt): {path} ({_reason(err)})") from None
     try:
         if not container.streams.video:
@@ -95,16 +95,19 @@ def _duration_s(container: av.container.InputContainer, stream: av.video.stream.
 
 
 def _info(container: av.container.InputContainer, stream: av.video.stream.VideoStream, path: Path) -> VideoInfo:
-    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    duration = _duration_s(container, stream)
+    frames = stream.frames
+    # a raw elementary stream (.h264) declares no duration and its average rate is a default guess;
+    # the guessed rate comes from the bitstream's own timing info
+    rate = (stream.average_rate or stream.guessed_rate) if duration is not None else (stream.guessed_rate or stream.average_rate)
+    rate = rate or stream.base_rate
     if not rate:
         raise InputError(f"video stream has no frame rate: {path}")
     fps = float(rate)
-    duration = _duration_s(container, stream)
-    frames = stream.frames
     if duration is None:
-        # raw elementary streams declare nothing: count the packets (demux only, no decoding)
-        frames = frames or sum(1 for p in container.demux(stream) if p.size)
-        container.seek(0)
+        # count the packets (demuxing only) in a second reader: these streams cannot seek back
+        with av.open(str(path)) as counter:
+            frames = frames or sum(1 for p in counter.demux(video=0) if p.size)
         duration = frames / fps
     frames = frames or round(duration * fps)
     if frames < 1:
@@ -156,7 +159,7 @@ def decode_frames(
     strategy: "auto" seeks to the keyframe before a wanted frame when that skips at least
     MIN_SEEK_SKIP_S of video (from the container's keyframe index, or, without one, when the frame
     is over max(1 s, 2 GOPs) ahead); "seek" seeks before every wanted frame; "sequential" never
-    seeks. All three return the same frames.
+    seeks. All three return the same frames. Raw elementary streams (.h264) are always read through.
     """
     return list(iter_frames(path, fps, max_frames, start, end, strategy=strategy))
 
@@ -212,6 +215,8 @@ class _Reader:
         self.tb = float(stream.time_base)
         self.start_pts = stream.start_time or 0
         self.keyframes, self.index_complete = self._index_keyframes()
+        # raw elementary streams (no declared duration) cannot seek: decode them straight through
+        self.seekable = bool(container.duration or stream.duration)
         self.gop_s = float(np.max(np.diff(self.keyframes))) if len(self.keyframes) > 1 else 0.0
         self.last_key_s: float | None = None  # last keyframe seen while decoding without a seek in between
         self.seeks = 0
@@ -249,31 +254,36 @@ class _Reader:
             bisect.insort(self.keyframes, t)
 
     def _seek_to(self, k: int) -> Iterator[tuple[av.VideoFrame, int, float]]:
-        """Frames from the keyframe at or before frame `k` onwards. Demuxers may land on a later
-        keyframe (MP4 seeks by decode time); then step back and seek again."""
+        """Frames from the keyframe at or before frame `k` onwards. Some demuxers land on a later
+        keyframe (MPEG-TS searches by decode time, forwards); then step back and seek again."""
         target = k / self.info.fps
         offset = target
         while True:
             self.seeks += 1
             self.last_key_s = None
-            self.container.seek(int(round(offset / self.tb)) + self.start_pts, backward=True, any_frame=False, stream=self.stream)
+            if offset > 0:
+                pts = int(round(offset / self.tb)) + self.start_pts
+                self.container.seek(pts, backward=True, any_frame=False, stream=self.stream)
+            else:  # the container's time 0 lies before every stream's first timestamp (MPEG-TS starts later)
+                self.container.seek(0, backward=True, any_frame=False)
             frames = self._decode_from_here()
             first = next(frames, None)
-            if first is None:
+            if offset <= 0 or (first is not None and first[1] <= k):
+                if first is not None:
+                    yield first
+                    yield from frames
                 return
-            if first[1] <= k or offset <= 0:
-                yield first
-                yield from frames
-                return
-            log.debug("seek for %.3fs landed at %.3fs; stepping back", target, first[2])
-            offset = max(0.0, offset - max(BLIND_SEEK_GAP_S, self.gop_s, first[2] - target))
+            # landed past the target, or past the last keyframe (MPEG-TS seeks forward to the next one)
+            log.debug("seek for %.3fs landed at %s; stepping back", target, f"{first[2]:.3f}s" if first else "the end")
+            overshoot = first[2] - target if first else 0.0
+            offset = max(0.0, offset - max(BLIND_SEEK_GAP_S, self.gop_s, overshoot))
 
     def _should_seek(self, pos_s: float | None, k: int, strategy: Strategy) -> bool:
         target = k / self.info.fps
+        if strategy == "sequential" or not self.seekable:
+            return False
         if strategy == "seek":
             return True
-        if strategy == "sequential":
-            return False
         here = pos_s if pos_s is not None else 0.0
         i = bisect.bisect_right(self.keyframes, target + 0.5 / self.info.fps) - 1
         if i >= 0 and self.keyframes[i] - here >= MIN_SEEK_SKIP_S:
@@ -317,12 +327,12 @@ class _Reader:
             prev, last = item, (number, item[2])
 
         if pending:
-            if prev is None or (pending[-1] - prev[1]) / self.info.fps > TRUNCATION_TOLERANCE_S:
+            if last is None or (pending[-1] - last[0]) / self.info.fps > TRUNCATION_TOLERANCE_S:
                 stop = f"{last[1]:.2f}s" if last else "the start"
                 raise InputError(
                     f"truncated or corrupt video: {self.path} (frames stop at {stop} of a declared {self.info.duration:.2f}s)"
                 )
-            if prev[1] > emitted:  # the declared duration runs a little past the last frame
+            if prev is not None and prev[1] > emitted:  # the declared duration runs a little past the last frame
                 kept += 1
                 yield Frame(image=prev[0].to_ndarray(format="rgb24"), timestamp=prev[2], index=prev[1])
         log.debug("%s: kept %d frames, decoded %d, %d seeks (%s)", self.path.name, kept, self.decoded, self.seeks, strategy)

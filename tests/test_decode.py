@@ -158,6 +158,22 @@ def test_auto_strategy_seeks_to_a_late_segment_instead_of_decoding_from_the_star
     assert seeks == 1 and decoded < 48
 
 
+def test_mpeg_ts_seeks_that_land_past_the_target_step_back_to_the_wanted_frames(make_video) -> None:
+    path = make_video(name="clip.ts")  # MPEG-TS has no index: its seeks land on a later keyframe
+    for sampling in (dict(fps=2), dict(fps=24 / 11), dict(start=1.2)):
+        seek = decode_frames(path, strategy="seek", **sampling)
+        assert markers(seek) == [f.index for f in seek] == [f.index for f in decode_frames(path, strategy="sequential", **sampling)]
+    assert markers(decode_frames(path, fps=2, strategy="seek")) == [0, 12, 24, 36]
+
+
+def test_raw_h264_stream_is_counted_and_read_straight_through(make_video) -> None:
+    path = make_video(name="clip.h264")  # no container: no duration, no index, no seeking
+    info = probe(path)
+    assert (info.frames, info.fps, info.duration) == (48, 24.0, 2.0)
+    assert markers(decode_frames(path, fps=2, strategy="seek")) == [0, 12, 24, 36]
+    assert markers(decode_frames(path, start=1.5)) == list(range(36, 48))
+
+
 # --- segments ----------------------------------------------------------------------------------
 
 
