@@ -174,6 +174,7 @@ class _QwenBlock(_Block):
         super().__init__(layer, attn.num_heads, attn.scaling, 6.0 * attn.dim * intermediate)
         self.cos, self.sin = rope
         self.segments = segments
+        self.window_sizes = None if segments is None else torch.bincount(segments)
         self.dim = attn.dim
 
     def _rotate(self, t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
@@ -210,8 +211,7 @@ class _QwenBlock(_Block):
     def keys_per_row(self, rows: torch.Tensor, n: int) -> int:
         if self.segments is None:
             return rows.numel() * n
-        sizes = torch.bincount(self.segments)
-        return int(sizes[self.segments[rows]].sum())
+        return int(self.window_sizes[self.segments[rows]].sum())
 
 
 def _layer_flops(block: _Block, n: int, d: int, rows: torch.Tensor) -> float:
