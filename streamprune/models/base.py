@@ -12,7 +12,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -174,13 +174,14 @@ class VideoLLMAdapter(ABC):
 
     @torch.inference_mode()
     def forward_layers(self, embeds: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
-                       inner: "InnerStage | None" = None) -> torch.Tensor:
+                       inner: "InnerStage | None" = None, after_layer: "LayerTap | None" = None) -> torch.Tensor:
         """Run the decoder stack on `[L, D]` embeds at `[P, L]` positions, appending to `cache`.
         Returns the final-norm hidden states `[L', D]` (L' < L if `inner` pruned at its layer).
 
         The mask is causal in sequence order, which is what a pruned sequence needs: kept tokens
         keep their order, only their positions have gaps. With an inner stage, layers before
-        `inner.layer` cache every token and later layers only the survivors."""
+        `inner.layer` cache every token and later layers only the survivors. `after_layer(index,
+        layer, hidden_in, rope, cache)` is called after each layer (e.g. to read attention)."""
         lm = self.language_model
         hidden = embeds[None].to(lm.dtype)
         past = cache.get_seq_length()
@@ -193,7 +194,10 @@ class VideoLLMAdapter(ABC):
                 mask = self._causal_mask(hidden.shape[1], past, hidden.dtype)
             if inner is not None and index == inner.layer - 1:
                 inner.observe(layer, hidden, rope)
+            hidden_in = hidden
             hidden = layer(hidden, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=True)
+            if after_layer is not None:
+                after_layer(index, layer, hidden_in, rope, cache)
         return lm.norm(hidden)[0]
 
     @staticmethod
@@ -264,6 +268,9 @@ class VideoLLMAdapter(ABC):
                       visual_tokens_kept=kept, visual_tokens_pre_llm=len(selection), timings_ms=dict(timer.ms))
 
 
+LayerTap = Callable[[int, torch.nn.Module, torch.Tensor, tuple[torch.Tensor, torch.Tensor], DynamicCache], None]
+
+
 class InnerStage:
     """An inner-LLM pruning stage during one prefill: at layer `method.config.layer - 1` it
     computes, beside the normal attention, the attention the visual tokens receive from the last
@@ -278,6 +285,9 @@ class InnerStage:
         self.input_embeds = input_embeds
         self.attention: dict[str, torch.Tensor] = {}
         self.kept = len(visual_slots)
+        # after pruning: which of the visual_slots survived, and their index in the new sequence
+        self.survivors = torch.arange(len(visual_slots))
+        self.survivor_slots = visual_slots
 
     def observe(self, layer: torch.nn.Module, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> None:
         attn = layer.self_attn
@@ -316,6 +326,8 @@ class InnerStage:
             hidden = hidden.clone()
             hidden[0, t_slots[selection.indices]] = selection.features.to(hidden.dtype)
         self.kept = len(selection)
+        self.survivors = selection.indices
+        self.survivor_slots = (torch.cumsum(keep, 0) - 1)[t_slots[selection.indices]]
         return hidden[:, keep], positions[:, keep]
 
 

@@ -36,7 +36,8 @@ def word_tokenizer(words: list[str] = WORDS) -> PreTrainedTokenizerFast:
     return tok
 
 
-def tiny_llava_onevision(tokenizer: PreTrainedTokenizerFast, image_size: int = 32, seed: int = 0):
+def tiny_llava_onevision(tokenizer: PreTrainedTokenizerFast, image_size: int = 32, seed: int = 0,
+                         vocab_size: int | None = None):
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -46,7 +47,7 @@ def tiny_llava_onevision(tokenizer: PreTrainedTokenizerFast, image_size: int = 3
                        "patch_size": 4},
         text_config={"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128,
                      "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
-                     "vocab_size": len(tokenizer), "max_position_embeddings": 4096},
+                     "vocab_size": vocab_size or len(tokenizer), "max_position_embeddings": 4096},
         video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_select_strategy="full",
@@ -88,4 +89,23 @@ def save_tiny(family: str, out_dir: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / SIDECAR).write_text(json.dumps({"prompt_template": TEMPLATES[family], "eos_token": "<eos>"}))
+    return out
+
+
+def save_tiny_vla(out_dir: str | Path, action_dim: int = 2, image_size: int = 32, seed: int = 0) -> Path:
+    """A tiny random VLA (LLaVA-OneVision backbone + 256 action bins at the end of the vocabulary)."""
+    import transformers
+
+    from streamprune.models.vla import ACTION_BINS, action_bins_needed
+
+    transformers.utils.logging.disable_progress_bar()
+    out = Path(out_dir)
+    tokenizer = word_tokenizer(WORDS + ["reach", "task", "action"])
+    model = tiny_llava_onevision(tokenizer, image_size=image_size, seed=seed,
+                                 vocab_size=action_bins_needed(len(tokenizer)))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    sidecar = {"prompt_template": "<video> task : {question} action :", "eos_token": "<eos>",
+               "vla": {"action_dim": action_dim, "bins": ACTION_BINS, "low": -1.0, "high": 1.0}}
+    (out / SIDECAR).write_text(json.dumps(sidecar))
     return out

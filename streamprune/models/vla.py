@@ -1,0 +1,174 @@
+"""A Vision-Language-Action policy on the LLaVA-OneVision backbone, OpenVLA style.
+
+The camera image enters as a one-frame video; the instruction fills the prompt; the action is
+decoded autoregressively as one token per action dimension, each dimension binned uniformly into
+256 bins mapped onto the last 256 ids of the vocabulary (OpenVLA, Kim et al. 2024). Decoding is
+constrained to those ids.
+
+For VLA-Pruner the policy exposes both signals it needs: the prefill attention at layer K-1
+(through the adapter's inner-LLM stage) and the action-decode attention to the visual tokens at
+`action_layer`, read beside the SDPA pass from the query of every action-decoding step and the KV
+cache; after each step it is pushed into the method's temporal history.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from streamprune.errors import ModelError
+from streamprune.models.base import InnerStage, _rotate
+from streamprune.models.llava_onevision import LlavaOnevisionAdapter
+from streamprune.models.prompt import read_sidecar
+from streamprune.pruning.base import PruneContext
+from streamprune.pruning.pipeline import PruningPipeline
+from streamprune.pruning.vla_pruner import VLAPruner, reset_action_history
+
+ACTION_BINS = 256
+
+
+@dataclass(frozen=True)
+class ActionTokenizer:
+    """Uniform bins over [low, high] per dimension, on ids [vocab_size - bins, vocab_size)."""
+
+    vocab_size: int
+    dims: int
+    bins: int = ACTION_BINS
+    low: float = -1.0
+    high: float = 1.0
+
+    @property
+    def first_id(self) -> int:
+        return self.vocab_size - self.bins
+
+    def to_ids(self, action: np.ndarray) -> list[int]:
+        scaled = (np.clip(np.asarray(action, dtype=np.float64), self.low, self.high) - self.low) / (self.high - self.low)
+        bins = np.minimum((scaled * self.bins).astype(int), self.bins - 1)
+        return [self.first_id + int(b) for b in bins]
+
+    def to_action(self, ids: list[int]) -> np.ndarray:
+        bins = np.asarray(ids) - self.first_id
+        return (self.low + (bins + 0.5) * (self.high - self.low) / self.bins).astype(np.float32)
+
+
+@dataclass
+class PolicyStep:
+    action: np.ndarray
+    visual_tokens_in: int
+    visual_tokens_kept: int
+    latency_ms: float
+    action_attention: torch.Tensor  # [N] over the unpruned visual tokens (0 where pruned)
+
+
+class ActionAttentionTap:
+    """After `layer` runs, the attention of the newest query to the visual tokens in the cache,
+    head-averaged and scattered back to the unpruned token indices; summed over calls."""
+
+    def __init__(self, layer: int, n_visual: int, pre_indices: torch.Tensor, pre_slots: torch.Tensor,
+                 inner: InnerStage | None) -> None:
+        self.layer, self.n_visual = layer, n_visual
+        self.pre_indices, self.pre_slots, self.inner = pre_indices, pre_slots, inner
+        self.total = torch.zeros(n_visual)
+        self.calls = 0
+
+    def __call__(self, index: int, layer: torch.nn.Module, hidden_in: torch.Tensor,
+                 rope: tuple[torch.Tensor, torch.Tensor], cache: DynamicCache) -> None:
+        if index != self.layer:
+            return
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden_in)[0, -1:]  # [1, C]
+        heads = attn.config.num_attention_heads
+        q = attn.q_proj(x).view(1, heads, -1).transpose(0, 1)  # [H, 1, d]
+        cos, sin = (r[0, -1:][None] for r in rope)
+        q = _rotate(q, cos, sin)
+        keys = cache.layers[index].keys[0]  # [Hkv, S, d], rotary already applied
+        keys = keys.repeat_interleave(heads // keys.shape[0], dim=0)
+        probs = torch.softmax((q.float() @ keys.float().transpose(1, 2)) * attn.scaling, dim=-1).mean(0)[0]
+        if self.inner is not None and index >= self.inner.layer:
+            original = self.pre_indices[self.inner.survivors]
+            slots = self.inner.survivor_slots
+        else:
+            original, slots = self.pre_indices, self.pre_slots
+        self.total[original] += probs[slots]
+        self.calls += 1
+
+    def mean(self) -> torch.Tensor:
+        return self.total / max(1, self.calls)
+
+
+class VLAPolicy:
+    """image + instruction -> action, with any pruning pipeline; one object serves many episodes
+    (per-episode state lives in the PruneContext)."""
+
+    def __init__(self, adapter: LlavaOnevisionAdapter, actions: ActionTokenizer, action_layer: int | None = None) -> None:
+        self.adapter = adapter
+        self.actions = actions
+        depth = len(adapter.language_model.layers)
+        # the authors read layer 15 (0-based) of OpenVLA's 32, past the pruning layer K=3;
+        # shallow models keep it at or past K as well
+        default = max(depth // 2 - 1, min(3, depth - 1))
+        self.action_layer = default if action_layer is None else max(0, min(action_layer, depth - 1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "VLAPolicy":
+        from streamprune.models import load_adapter
+
+        adapter = load_adapter(path)
+        spec = read_sidecar(path).get("vla")
+        if not isinstance(adapter, LlavaOnevisionAdapter) or not spec:
+            raise ModelError(f"{path} is not a streamprune VLA policy (needs a LLaVA-OneVision model and a "
+                             "'vla' entry in streamprune.json)")
+        actions = ActionTokenizer(vocab_size=adapter.model.config.text_config.vocab_size, dims=int(spec["action_dim"]),
+                                  bins=int(spec.get("bins", ACTION_BINS)), low=float(spec.get("low", -1.0)),
+                                  high=float(spec.get("high", 1.0)))
+        return cls(adapter, actions, spec.get("action_layer"))
+
+    @staticmethod
+    def reset(ctx: PruneContext) -> None:
+        """Start of an episode: forget VLA-Pruner's action-attention history."""
+        reset_action_history(ctx)
+
+    @torch.inference_mode()
+    def act(self, image: np.ndarray, instruction: str, pipeline: PruningPipeline, ctx: PruneContext) -> PolicyStep:
+        start = time.perf_counter()
+        adapter = self.adapter
+        video = adapter.encode(image[None], fps=1.0, signals=pipeline.requires)
+        selection = pipeline.select(video.tokens, ctx)
+        layout = adapter.layout(video, adapter.prompt_ids(instruction))
+        embeds, positions, kept_slots = layout.keep(selection)
+        inner = None
+        if pipeline.inner_llm is not None:
+            budget = pipeline.inner_budget(len(selection), len(video.tokens))
+            inner = InnerStage(adapter, pipeline.inner_llm, budget, ctx, kept_slots, embeds[kept_slots])
+        tap = ActionAttentionTap(self.action_layer, len(video.tokens), selection.indices, kept_slots, inner)
+        cache = DynamicCache()
+        hidden = adapter.forward_layers(embeds, positions, cache, inner, tap)
+        ids: list[int] = []
+        position = layout.next_position
+        first = self.actions.first_id
+        for dim in range(self.actions.dims):
+            logits = adapter.logits(hidden[-1])[first:first + self.actions.bins]
+            ids.append(first + int(logits.argmax()))
+            if dim == self.actions.dims - 1:
+                break
+            step_pos = torch.full((positions.shape[0], 1), position, dtype=torch.long)
+            hidden = adapter.forward_layers(adapter._embed([ids[-1]]), step_pos, cache, after_layer=tap)
+            position += 1
+        attention = tap.mean()
+        if isinstance(pipeline.inner_llm, VLAPruner):
+            pipeline.inner_llm.push_action(ctx, attention)
+        kept = inner.kept if inner is not None else len(selection)
+        return PolicyStep(action=self.actions.to_action(ids), visual_tokens_in=len(video.tokens),
+                          visual_tokens_kept=kept, latency_ms=(time.perf_counter() - start) * 1000,
+                          action_attention=attention)
+
+
+def action_bins_needed(vocab_words: int, bins: int = ACTION_BINS) -> int:
+    """Vocabulary size for `vocab_words` ordinary tokens plus the action bins, rounded up to 64."""
+    return int(math.ceil((vocab_words + bins) / 64) * 64)
