@@ -224,7 +224,7 @@ def _layer_flops(block: _Block, n: int, d: int, rows: torch.Tensor) -> float:
 def _full_layer(block: _Block, h: torch.Tensor, pre: _Keys | None) -> tuple[torch.Tensor, _LayerReference, float]:
     """The plain block on `[N, D]`, with its reference and FLOPs; `pre` = norm1/keys done already."""
     x, key = block.norm_keys(h) if pre is None else (pre.x, pre.key)
-    rows = torch.arange(h.shape[0])
+    rows = torch.arange(h.shape[0], device=h.device)
     q, value = block.queries_values(x, rows)
     attn_out = block.attend(q, key, value, rows)
     h = h + attn_out
@@ -294,7 +294,7 @@ class _StreamCacher:
                 logger.debug("STC-Cacher scene cut: mean layer-0 key cosine %.3f", float(first.sim.mean()))
 
         spent = baseline = fixed_flops
-        all_rows = torch.arange(h.shape[0])
+        all_rows = torch.arange(h.shape[0], device=h.device)
         references = []
         m = self._update_count(h.shape[0])
         for i, block in enumerate(blocks):
@@ -408,13 +408,14 @@ class QwenSTCCacher(_StreamCacher):
         )
 
         v = self.visual
-        grid = torch.tensor([[1, h, w]])
+        grid = torch.tensor([[1, h, w]], device=v.device)
         window_index, cu_windows = get_vision_window_index(grid, v.spatial_merge_size, v.window_size, v.patch_size)
+        window_index = window_index.to(v.device)
         positions = get_vision_position_ids(grid, v.spatial_merge_size)
         n = h * w
-        cos, sin = v.rotary_pos_emb(torch.empty(0), positions)
+        cos, sin = v.rotary_pos_emb(torch.empty(0, device=v.device), positions)
         cos, sin = (v.permute_input_for_window_attn(t, window_index, seq_len=n) for t in (cos, sin))
-        windows = torch.bucketize(torch.arange(n), cu_windows[1:].long(), right=True)
+        windows = torch.bucketize(torch.arange(n, device=v.device), cu_windows[1:].long(), right=True)
         return window_index, (cos, sin), windows
 
     @torch.no_grad()
