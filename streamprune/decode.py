@@ -10,6 +10,11 @@ Segments: `start`/`end` only filter the whole clip's sampled frame numbers (by t
 k / fps in [start, end)), so for a constant-frame-rate file the frames of consecutive segments
 [0, a), [a, b), [b, None) concatenate to exactly the frames of the whole clip, for any boundaries
 a < b. The batch job uses this to decode segments of a long video in parallel.
+
+Limits: variable-frame-rate files are mapped onto the nominal grid of their average rate (a wanted
+slot with no frame gets the frame on screen then); frame numbers come from presentation
+timestamps, so containers that store none (AVI with B-frames) come out shifted by the reorder
+delay; a cut-short file is reported only when a wanted frame lies past the cut.
 """
 
 from __future__ import annotations
@@ -46,8 +51,9 @@ TRUNCATION_TOLERANCE_S = 0.5
 
 @dataclass(frozen=True)
 class VideoInfo:
-    """What `probe` reads from the container, without decoding. `frames` is estimated as
-    duration * fps when the container does not store a frame count (WebM)."""
+    """What `probe` reads from the container, without decoding: duration in seconds, the average
+    frame rate, and the frame count (estimated as duration * fps when the container stores none,
+    as WebM; counted from packets for raw streams)."""
 
     duration: float
     fps: float
