@@ -52,3 +52,20 @@ def h264_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def vp9_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """48 frames, 64x48, 24 fps VP9 in WebM, keyframes at 0/12/24/36. Shared: copy before modifying."""
     return _make(tmp_path_factory.mktemp("videos"), codec="vp9")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random LLaVA-OneVision and Qwen2.5-VL checkpoints (save_pretrained layout), by family."""
+    from tests.tiny import FAMILIES, build_tiny_dir
+
+    root = tmp_path_factory.mktemp("models")
+    return {family: build_tiny_dir(root, family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tiny_model_dirs: dict[str, Path]) -> dict:
+    """Adapters loaded from `tiny_model_dirs` with `load_adapter`, by family."""
+    from streamprune.models import load_adapter
+
+    return {family: load_adapter(path) for family, path in tiny_model_dirs.items()}
