@@ -45,7 +45,7 @@ CLIP_NORM = Normalisation(CLIP_MEAN, CLIP_STD)
 
 def _to_float(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
     """`[T, H, W, 3]` uint8 -> `[T, 3, H, W]` float in [0, 1]."""
-    x = torch.as_tensor(np.ascontiguousarray(frames) if isinstance(frames, np.ndarray) else frames)
+    x = torch.tensor(frames) if isinstance(frames, np.ndarray) else torch.as_tensor(frames)
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"frames must be [T, H, W, 3], got {tuple(x.shape)}")
     return x.permute(0, 3, 1, 2).float().div_(255.0)
