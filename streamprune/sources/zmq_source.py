@@ -1,9 +1,11 @@
 """Frames from a zmq publisher (`zmq://HOST:PORT`), e.g. one started by `run_publisher`.
 
 Every message goes through `wire.decode` with a uint8-only allow list and must hold an RGB frame
-`[H, W, 3]`; anything else is dropped and counted as malformed, and the stream goes on. zmq
-itself reconnects when the publisher restarts (backoff 100 ms doubling to 5 s, see
-`subscriber_socket`); a socket monitor counts those reconnects.
+`[H, W, 3]`; anything else is dropped and counted as malformed, and the stream goes on.
+
+When the connection drops (the publisher stopped, or sent a part beyond the MAXMSGSIZE guard,
+after which zmq would never reconnect on its own) the socket is replaced after an exponential
+backoff delay. A socket monitor sees each connection; every one after the first is a reconnect.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from streamprune.sources.base import FrameSource
+from streamprune.sources.base import Backoff, FrameSource
 from streamprune.transport.wire import DEFAULT_MAX_BYTES, WireError, decode
 from streamprune.transport.zmq_frames import subscriber_socket
 from streamprune.types import Frame
@@ -39,7 +41,8 @@ class ZmqSource(FrameSource):
     latest_only: when several frames are queued, deliver only the newest (a live consumer wants
                  the present, not a backlog); skipped frames count as dropped.
     Dropped frames are counted from gaps in the publisher's `seq`, so frames lost at the
-    publisher's HWM and frames skipped here are both seen. Timestamps are the publisher's, except
+    publisher's HWM and frames skipped here are both seen (frames missed while disconnected are
+    not: a new connection may be a new publisher, whose seq starts over). Timestamps are the publisher's, except
     that after a publisher restart (its `seq` starts over) the new stream is re-stamped from the
     wall time elapsed here, so timestamps keep rising. Images are writable copies.
     """
@@ -51,6 +54,7 @@ class ZmqSource(FrameSource):
         max_bytes: int = DEFAULT_MAX_BYTES,
         latest_only: bool = True,
         poll_interval: float = 0.1,
+        backoff: Backoff | None = None,
         context: zmq.Context | None = None,
     ) -> None:
         super().__init__()
@@ -58,7 +62,23 @@ class ZmqSource(FrameSource):
         self.max_bytes = max_bytes
         self.latest_only = latest_only
         self.poll_interval = poll_interval
+        self.backoff = backoff or Backoff()
         self._ctx = context
+
+    def _connect(self) -> tuple[zmq.Socket, zmq.Socket, zmq.Poller]:
+        sock = subscriber_socket(max_bytes=self.max_bytes, context=self._ctx)
+        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        sock.connect(self.endpoint)  # after the monitor is attached, so it sees this connection
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        return sock, monitor, poller
+
+    @staticmethod
+    def _close(sock: zmq.Socket, monitor: zmq.Socket) -> None:
+        sock.disable_monitor()
+        monitor.close(linger=0)
+        sock.close(linger=0)
 
     def _receive(self, sock: zmq.Socket) -> tuple[dict, np.ndarray] | None:
         """Read what is queued: the first valid frame, or the newest one if `latest_only`."""
@@ -78,11 +98,7 @@ class ZmqSource(FrameSource):
                 return newest
 
     def _frames(self) -> Iterator[Frame]:
-        sock = subscriber_socket(self.endpoint, max_bytes=self.max_bytes, context=self._ctx)
-        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED)
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(monitor, zmq.POLLIN)
+        sock, monitor, poller = self._connect()
         connections = 0
         index, last_seq, last_ts = 0, None, None
         offset, base = 0.0, 0.0  # output ts = offset + (publisher ts - base)
@@ -90,21 +106,36 @@ class ZmqSource(FrameSource):
         try:
             while not self._stop.is_set():
                 ready = dict(poller.poll(int(self.poll_interval * 1000)))
-                if monitor in ready:
-                    while monitor.poll(0):
-                        recv_monitor_message(monitor)
+                disconnected = False
+                while monitor.poll(0):
+                    event = recv_monitor_message(monitor)["event"]
+                    if event == zmq.EVENT_CONNECTED:
                         connections += 1
                         if connections > 1:
                             self.stats.reconnects += 1
                             log.info("reconnected to %s", self.endpoint)
+                    else:
+                        disconnected = True
+                if disconnected:
+                    self._close(sock, monitor)
+                    sock = None
+                    # whoever answers next may be a new publisher: its seq starts afresh
+                    last_seq = None
+                    delay = self.backoff.next_delay()
+                    log.warning("lost the connection to %s; reconnecting in %.2f s", self.endpoint, delay)
+                    if self._stop.wait(delay):
+                        return
+                    sock, monitor, poller = self._connect()
+                    continue
                 if sock not in ready:
                     continue
                 got = self._receive(sock)
                 if got is None:
                     continue
+                self.backoff.reset()
                 header, image = got
                 seq, ts = header["seq"], float(header["ts"])
-                if last_seq is None or seq <= last_seq:  # first frame, or the publisher restarted
+                if last_seq is None or seq <= last_seq:  # a new connection, or the publisher restarted
                     if last_ts is not None:
                         offset = max(time.monotonic() - wall0, last_ts + 1e-3)
                     base = ts
@@ -118,6 +149,5 @@ class ZmqSource(FrameSource):
                 yield Frame(image=image.copy(), timestamp=ts, index=index)
                 index += 1
         finally:
-            sock.disable_monitor()
-            monitor.close(linger=0)
-            sock.close(linger=0)
+            if sock is not None:
+                self._close(sock, monitor)

@@ -50,7 +50,7 @@ def encode(array: np.ndarray | None, *, kind: str = "frame", ts: float = 0.0, se
     arr = np.zeros(0, np.uint8) if array is None else np.asarray(array)
     if arr.dtype.name not in ALLOWED_DTYPES:
         raise ValueError(f"dtype {arr.dtype} cannot be sent; allowed: {sorted(ALLOWED_DTYPES)}")
-    arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+    arr = np.asarray(arr, dtype=arr.dtype.newbyteorder("<"), order="C")  # (ascontiguousarray makes 0-d 1-d)
     header = {"v": VERSION, "kind": kind, "shape": list(arr.shape), "dtype": arr.dtype.name, "ts": float(ts), "seq": int(seq)}
     header.update(fields)
     packed = msgpack.packb(header, use_bin_type=True)
@@ -131,6 +131,6 @@ def decode(
         raise WireError(f"message claims {nbytes} bytes, above the {max_bytes}-byte limit")
     if body.nbytes != nbytes:
         raise WireError(f"buffer is {body.nbytes} bytes but shape {shape} x {dtype_name} needs {nbytes}")
-    array = np.frombuffer(body, dtype=dtype).reshape(shape)
+    array = np.frombuffer(body, dtype=dtype).reshape(tuple(shape))
     array.flags.writeable = False
     return header, array
