@@ -1,0 +1,284 @@
+"""Train the default Video-LLM: a small LLaVA-OneVision, from scratch, on synthetic video QA.
+
+    python -m pipelines.train_video_qa --out streamprune/assets/default_videoqa --seed 0
+
+The model is the real `transformers.LlavaOnevisionForConditionalGeneration` (SigLIP vision tower,
+2-layer MLP projector, 2x2 bilinear pooling, Qwen2 decoder) at a tiny size, with a word-level
+tokenizer. Inputs are laid out exactly as the streamprune LLaVA-OneVision adapter lays them out at
+inference: frames through `square_pixels` (SigLIP normalisation), ids = prefix + <video> x (T*16+1)
++ suffix (the +1 is the image_newline the model appends after a video's frame tokens), and the
+answer word + <eos> as the only labelled tokens. Clips come from
+`streamprune.data.synthetic_qa` (train seeds only); validation picks the checkpoint, the test split
+is scored once at the end. Writes safetensors weights, tokenizer, streamprune.json and
+train_metrics.json to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+from tqdm import tqdm
+from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, PreTrainedTokenizerFast
+
+from streamprune.data import synthetic_qa as qa
+from streamprune.models.preprocess import square_pixels
+from streamprune.models.prompt import SIDECAR, build_prompt_ids
+
+log = logging.getLogger("train_video_qa")
+
+SPECIALS = ["<pad>", "<unk>", "<eos>", "<video>", "<image>"]
+PROMPT_WORDS = ["question", ":", "answer"]
+PROMPT_TEMPLATE = "<video> question : {question} answer :"
+IGNORE = -100
+
+
+@dataclass
+class ModelSize:
+    """Sizes of the tiny LLaVA-OneVision; 64 px frames in 8 px patches -> 8x8 -> pooled 4x4 = 16 tokens."""
+
+    image_size: int = 64
+    patch_size: int = 8
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 4
+    text_hidden: int = 128
+    text_layers: int = 3
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_intermediate: int = 384
+
+    @property
+    def tokens_per_frame(self) -> int:
+        side = math.ceil(self.image_size // self.patch_size / 2)
+        return side * side
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over the synthetic task's vocabulary; specials are matched before splitting."""
+    words = SPECIALS + PROMPT_WORDS + [w for w in qa.VOCAB if w not in PROMPT_WORDS]
+    core = Tokenizer(WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+    tok.add_special_tokens({"additional_special_tokens": ["<video>", "<image>"]})
+    return tok
+
+
+def build_model(tokenizer: PreTrainedTokenizerFast, size: ModelSize, seed: int) -> LlavaOnevisionForConditionalGeneration:
+    torch.manual_seed(seed)
+    config = LlavaOnevisionConfig(
+        vision_config={
+            "model_type": "siglip_vision_model", "hidden_size": size.vision_hidden,
+            "intermediate_size": 4 * size.vision_hidden, "num_hidden_layers": size.vision_layers,
+            "num_attention_heads": size.vision_heads, "image_size": size.image_size, "patch_size": size.patch_size,
+        },
+        text_config={
+            "model_type": "qwen2", "hidden_size": size.text_hidden, "intermediate_size": size.text_intermediate,
+            "num_hidden_layers": size.text_layers, "num_attention_heads": size.text_heads,
+            "num_key_value_heads": size.text_kv_heads, "vocab_size": len(tokenizer),
+            "max_position_embeddings": 1024, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id, "bos_token_id": None,
+        },
+        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        image_grid_pinpoints=[[size.image_size, size.image_size]],
+    )
+    return LlavaOnevisionForConditionalGeneration(config)
+
+
+def collate(clips: list[tuple[np.ndarray, list[tuple[str, str]]]], tokenizer: PreTrainedTokenizerFast,
+            size: ModelSize) -> dict[str, torch.Tensor]:
+    """(frames `[T, H, W, 3]`, [(question, answer), ...]) per row -> model inputs: pixel_values_videos
+    `[B, T, 3, S, S]`, input_ids/attention_mask/labels `[B, L]` (right padded).
+
+    A row is the prompt of the first question followed, in training, by the clip's other questions
+    ("... answer : red <eos> question : ... answer :"), so one pass over the video supervises every
+    question of the clip. Only answer words and their <eos> are labelled."""
+    video_id = tokenizer.convert_tokens_to_ids("<video>")
+    rows, labels = [], []
+    for frames, pairs in clips:
+        ids, lab = [], []
+        for k, (question, answer) in enumerate(pairs):
+            prompt = build_prompt_ids(tokenizer, question, PROMPT_TEMPLATE)
+            if k == 0:
+                ids += prompt.prefix + [video_id] * (frames.shape[0] * size.tokens_per_frame + 1)
+            target = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            ids += prompt.suffix + target
+            lab += [IGNORE] * (len(ids) - len(lab) - len(target)) + target
+        rows.append(ids)
+        labels.append(lab)
+    length = max(map(len, rows))
+    pad = tokenizer.pad_token_id
+    return {
+        "pixel_values_videos": torch.stack([square_pixels(frames, size.image_size) for frames, _ in clips]),
+        "input_ids": torch.tensor([r + [pad] * (length - len(r)) for r in rows]),
+        "attention_mask": torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows]),
+        "labels": torch.tensor([lab + [IGNORE] * (length - len(lab)) for lab in labels]),
+    }
+
+
+def exact_match(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-row greedy exact match `[B]` for one-question rows: every labelled token (answer word,
+    <eos>) is the argmax of the logits before it. With teacher forcing this equals greedy decoding,
+    since decoding only diverges after the first wrong token."""
+    pred, target = logits[:, :-1].argmax(-1), labels[:, 1:]
+    mask = target != IGNORE
+    return ((pred == target) | ~mask).all(-1)
+
+
+def token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of labelled tokens predicted right (training-time progress on packed rows)."""
+    pred, target = logits[:, :-1].argmax(-1), labels[:, 1:]
+    mask = target != IGNORE
+    return ((pred == target) & mask).sum().item() / max(1, mask.sum().item())
+
+
+@torch.no_grad()
+def evaluate(model, items: list[qa.QAItem], tokenizer, size: ModelSize, batch_size: int) -> dict:
+    """Exact-match accuracy, overall and per question type."""
+    model.eval()
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        batch = collate([(it.clip, [(it.question, it.answer)]) for it in chunk], tokenizer, size)
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        for it, ok in zip(chunk, exact_match(logits, batch["labels"]).tolist()):
+            hits[it.meta["type"]].append(ok)
+    model.train()
+    per_type = {k: float(np.mean(v)) for k, v in sorted(hits.items())}
+    overall = float(np.mean([x for v in hits.values() for x in v]))
+    return {"accuracy": overall, "per_type": per_type, "n": sum(map(len, hits.values()))}
+
+
+def train_batches(batch_size: int, seed: int, start_clip: int = 0):
+    """Endless stream of (rows, clips used so far): consecutive train clips, each with all its
+    questions in a random order."""
+    rng = np.random.default_rng(seed)
+    index = start_clip
+    while True:
+        rows = []
+        for _ in range(batch_size):
+            clip = qa.generate_clip(qa.clip_seed("train", index))
+            order = rng.permutation(len(clip.questions))
+            rows.append((clip.frames, [clip.questions[i][1:] for i in order]))
+            index += 1
+        yield rows, index
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="directory to write the checkpoint, tokenizer and metrics to")
+    p.add_argument("--seed", type=int, default=0, help="model init and question sampling seed")
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps (cosine schedule over these)")
+    p.add_argument("--batch-size", type=int, default=16, help="clips per step (each with all its questions)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
+    p.add_argument("--warmup", type=int, default=150, help="linear warm-up steps")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--eval-every", type=int, default=250, help="steps between validation runs")
+    p.add_argument("--val-clips", type=int, default=120, help="validation clips (all their questions)")
+    p.add_argument("--test-clips", type=int, default=500, help="test clips scored once at the end")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1 wastes least on a shared, oversubscribed CPU)")
+    p.add_argument("--max-minutes", type=float, default=0.0, help="stop training after this long (0 = no limit)")
+    for f in ModelSize.__dataclass_fields__.values():
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default, help=f"model size: {f.name}")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    size = ModelSize(**{f: getattr(args, f) for f in ModelSize.__dataclass_fields__})
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, size, args.seed)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model: %.2fM parameters, vocab %d", n_params / 1e6, len(tokenizer))
+
+    val = qa.make_items("val", args.val_clips)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
+    t0 = time.perf_counter()
+    history, best, best_state, clips_seen = [], -1.0, None, 0
+    stream = train_batches(args.batch_size, args.seed)
+    bar = tqdm(range(args.steps), desc="train", dynamic_ncols=True)
+    running_loss, running_acc, step = 0.0, 0.0, 0
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        rows, clips_seen = next(stream)
+        batch = collate(rows, tokenizer, size)
+        outputs = model(**batch)
+        opt.zero_grad(set_to_none=True)
+        outputs.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        acc = token_accuracy(outputs.logits.detach(), batch["labels"])
+        running_loss = 0.98 * running_loss + 0.02 * outputs.loss.item() if step else outputs.loss.item()
+        running_acc = 0.98 * running_acc + 0.02 * acc if step else acc
+        bar.set_postfix(loss=f"{running_loss:.3f}", acc=f"{running_acc:.2f}")
+        last = step == args.steps - 1
+        out_of_time = args.max_minutes and time.perf_counter() - t0 > args.max_minutes * 60
+        if (step + 1) % args.eval_every == 0 or last or out_of_time:
+            res = evaluate(model, val, tokenizer, size, 2 * args.batch_size)
+            history.append({"step": step + 1, "minutes": (time.perf_counter() - t0) / 60,
+                            "train_loss": running_loss, "train_token_acc": running_acc, "val": res})
+            log.info("step %d loss %.3f train %.3f val %.3f %s", step + 1, running_loss, running_acc,
+                     res["accuracy"], {k: round(v, 3) for k, v in res["per_type"].items()})
+            if res["accuracy"] > best:
+                best = res["accuracy"]
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if out_of_time:
+            log.info("time budget of %.1f min reached at step %d", args.max_minutes, step + 1)
+            break
+    train_minutes = (time.perf_counter() - t0) / 60
+    model.load_state_dict(best_state)
+    model.eval()
+    val_res = evaluate(model, val, tokenizer, size, 2 * args.batch_size)
+    test_res = evaluate(model, qa.make_items("test", args.test_clips), tokenizer, size, 2 * args.batch_size)
+    train_res = evaluate(model, qa.make_items("train", args.val_clips), tokenizer, size, 2 * args.batch_size)
+    log.info("final: train %.3f val %.3f test %.3f %s", train_res["accuracy"], val_res["accuracy"],
+             test_res["accuracy"], test_res["per_type"])
+
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / SIDECAR).write_text(json.dumps({"prompt_template": PROMPT_TEMPLATE, "eos_token": "<eos>",
+                                           "num_frames": qa.NUM_FRAMES}, indent=2) + "\n")
+    metrics = {
+        "seed": args.seed, "data_version": qa.DATA_VERSION, "data_splits": qa.SPLITS,
+        "args": vars(args), "model_size": asdict(size), "parameters": n_params,
+        "steps": step + 1, "train_clips_seen": clips_seen, "train_minutes": round(train_minutes, 2),
+        "threads": args.threads, "torch": torch.__version__,
+        "accuracy": {"train": train_res, "val": val_res, "test": test_res},
+        "history": history,
+    }
+    (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
