@@ -1,4 +1,4 @@
-"""STC-Cacher on tiny random SigLIP towers (real transformers classes, seeded)."""
+"""STC-Cacher on tiny random SigLIP and Qwen2.5-VL vision towers (real transformers classes, seeded)."""
 
 from __future__ import annotations
 

@@ -31,7 +31,8 @@ tower's 2-D rotary embedding (a per-position rotation, so the key cosine is unch
 recomputed query attends only within its own window (or the whole frame in the full-attention
 blocks), exactly as the plain block does, and the patch merger always runs in full. One Qwen
 "frame" is a temporal patch (2 video frames). State is per cacher object, one per stream; the
-tower's weights are shared and never patched.
+tower's weights are shared and never patched. Like the authors' SDPA path, the cacher yields no
+attention weights, and forward hooks on the attention modules do not fire.
 """
 
 from __future__ import annotations
