@@ -26,7 +26,8 @@ DEFAULT_SEGMENT_S = 60.0
 def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
     """The `batch` subcommand's flags (the --model/--method/--retain/--max-tokens group is shared
     with `ask`)."""
-    from streamprune.cli import _positive, add_model_method_flags
+    from streamprune.cli import add_model_method_flags
+    from streamprune.cliargs import positive
 
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="video files (taken whatever their extension), folders (searched recursively "
@@ -37,22 +38,22 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", "-o", required=True, metavar="FILE",
                         help="results, one JSON line per input (appended; an existing file is resumed)")
     add_model_method_flags(parser)
-    parser.add_argument("--fps", type=_positive(float), default=None,
+    parser.add_argument("--fps", type=positive(float), default=None,
                         help="frames sampled per second (default 1)")
-    parser.add_argument("--max-frames", type=_positive(int), default=None, metavar="N",
+    parser.add_argument("--max-frames", type=positive(int), default=None, metavar="N",
                         help="at most N frames per input, evenly spaced over the whole clip (default 16)")
-    parser.add_argument("--max-new-tokens", type=_positive(int), default=None, metavar="K",
+    parser.add_argument("--max-new-tokens", type=positive(int), default=None, metavar="K",
                         help="answer length cap")
     parser.add_argument("--seed", type=int, default=None, help="seed for randomised methods (same for every input)")
     parser.add_argument("--ray-address", metavar="auto|HOST:PORT", default=None,
                         help="Ray cluster to run on ('auto': the one this machine belongs to); "
                              "default: start a local Ray instance")
-    parser.add_argument("--num-workers", type=_positive(int), default=1, metavar="N",
+    parser.add_argument("--num-workers", type=positive(int), default=1, metavar="N",
                         help="model actors in the pool, each holding one copy of the model (default 1)")
     parser.add_argument("--actor-resource", action="append", default=[], metavar="NAME=AMOUNT",
                         help="Ray resource each model actor requires, e.g. GPU=1 or a custom node label "
                              "(repeatable); decoding runs as ordinary CPU tasks")
-    parser.add_argument("--segment-seconds", type=_positive(float), default=DEFAULT_SEGMENT_S, metavar="S",
+    parser.add_argument("--segment-seconds", type=positive(float), default=DEFAULT_SEGMENT_S, metavar="S",
                         help=f"videos longer than S seconds are decoded as S-second segments in parallel, "
                              f"then joined in time order (default {DEFAULT_SEGMENT_S:g})")
     parser.add_argument("--overwrite", action="store_true",
