@@ -33,8 +33,8 @@ __all__ = [
 def open_source(spec: str, loop: bool = False, realtime: bool = True) -> FrameSource:
     """The FrameSource for `spec`. Raises InputError now for an unknown scheme or a missing file.
 
-    `realtime=False` reads files and synthetic streams as fast as possible; live sources (camera,
-    URL, zmq) arrive at their own pace either way. `loop` applies to files and synthetic streams.
+    `realtime=False` reads files, synthetic streams and URLs as fast as they decode (a camera or a
+    zmq stream comes at its own pace either way). `loop` applies to files and synthetic streams.
     """
     scheme, sep, rest = spec.partition(":")
     if not sep or (len(scheme) == 1 and scheme.isalpha()):  # a bare path (or a Windows drive letter)

@@ -157,6 +157,10 @@ def camera_source(device: str, *, realtime: bool = True) -> AVSource:
 
 
 def url_source(url: str, *, realtime: bool = True, timeout: float = 5.0, backoff: Backoff | None = None) -> AVSource:
-    """An RTSP or HTTP(S) stream. Not contacted now: a server that is down is retried until it is up."""
+    """An RTSP or HTTP(S) stream. Not contacted now: a server that is down is retried until it is up.
+
+    Every end of the stream counts as a disconnect, so the URL of a finite file plays over and
+    over (paced by `realtime`); to play a remote file once, download it and use `file:`.
+    """
     options = {"rtsp_transport": "tcp"} if url.startswith("rtsp") else {}
     return AVSource(url, live=True, realtime=realtime, options=options, timeout=timeout, backoff=backoff)

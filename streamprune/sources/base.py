@@ -7,7 +7,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from streamprune.types import Frame
 
@@ -27,9 +27,6 @@ class SourceStats:
     dropped: int = 0
     malformed: int = 0
     reconnects: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
 
 
 @dataclass
