@@ -12,7 +12,6 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import av
 
@@ -61,7 +60,7 @@ class AVSource(FrameSource):
         self.timeout = timeout
         self.backoff = backoff or Backoff()
 
-    def _open(self) -> Any:
+    def _open(self) -> av.container.InputContainer:
         return av.open(self.target, format=self.fmt, options=self.options, timeout=self.timeout)
 
     def _frames(self) -> Iterator[Frame]:
@@ -115,12 +114,12 @@ class AVSource(FrameSource):
             if self.live:
                 if not self._retry(f"{self.target} {'failed' if failed else 'ended'}"):
                     return
-            elif self.loop and last_ts is not None:
-                offset = last_ts + interval
-            else:
-                if failed:
-                    self.stats.malformed += 1
+                continue
+            if failed:  # a file that breaks off part-way: keep what was read, count it
+                self.stats.malformed += 1
+            if not self.loop or last_ts is None:
                 return
+            offset = last_ts + interval
 
     def _retry(self, why: str) -> bool:
         """Wait the next backoff delay before re-opening; False if stopped (or a file won't open)."""

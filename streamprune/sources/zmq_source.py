@@ -40,11 +40,12 @@ class ZmqSource(FrameSource):
 
     latest_only: when several frames are queued, deliver only the newest (a live consumer wants
                  the present, not a backlog); skipped frames count as dropped.
+
     Dropped frames are counted from gaps in the publisher's `seq`, so frames lost at the
-    publisher's HWM and frames skipped here are both seen (frames missed while disconnected are
-    not: a new connection may be a new publisher, whose seq starts over). Timestamps are the publisher's, except
-    that after a publisher restart (its `seq` starts over) the new stream is re-stamped from the
-    wall time elapsed here, so timestamps keep rising. Images are writable copies.
+    publisher's HWM and frames skipped here are both seen; frames missed while disconnected are
+    not (a new connection may be a new publisher, whose seq starts over). Timestamps are the
+    publisher's, except that after a reconnect or a publisher restart the new stream is re-stamped
+    from the wall time elapsed here, so timestamps keep rising. Images are writable copies.
     """
 
     def __init__(
