@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from streamprune.cliargs import positive, retain_ratio
 from streamprune.errors import EXIT_USAGE, ConfigError, InputError, StreampruneError
 
 log = logging.getLogger("streamprune")
@@ -28,36 +29,14 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
-def _retain(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--retain must be a number in (0, 1], got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"--retain must be in (0, 1], got {text}")
-    return value
-
-
-def _positive(kind: type):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text}")
-        return value
-    return parse
-
-
 def add_model_method_flags(p: argparse.ArgumentParser) -> None:
     """--model/--method/--retain/--max-tokens, shared by every command that runs a model."""
     p.add_argument("--model", metavar="PATH", help="model directory (save_pretrained layout); default: the embedded model")
     p.add_argument("--method", default=None, metavar="NAME",
                    help="pruning method or pipeline (see `streamprune methods`); default: none")
-    p.add_argument("--retain", type=_retain, default=None, metavar="R",
+    p.add_argument("--retain", type=retain_ratio, default=None, metavar="R",
                    help="share of visual tokens kept, in (0, 1]; default: the method's own (1.0 for none)")
-    p.add_argument("--max-tokens", type=_positive(int), default=None, metavar="N",
+    p.add_argument("--max-tokens", type=positive(int), default=None, metavar="N",
                    help="absolute cap on kept visual tokens (with --retain the smaller wins)")
 
 
@@ -72,10 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("video", metavar="VIDEO", help="video file (any container/codec FFmpeg reads)")
     ask.add_argument("--question", "-q", required=True, help="the question to answer")
     add_model_method_flags(ask)
-    ask.add_argument("--fps", type=_positive(float), default=None, help="frames sampled per second (default 1)")
-    ask.add_argument("--max-frames", type=_positive(int), default=None, metavar="N",
+    ask.add_argument("--fps", type=positive(float), default=None, help="frames sampled per second (default 1)")
+    ask.add_argument("--max-frames", type=positive(int), default=None, metavar="N",
                      help="at most N frames, evenly spaced over the clip (default 16)")
-    ask.add_argument("--max-new-tokens", type=_positive(int), default=None, metavar="K", help="answer length cap")
+    ask.add_argument("--max-new-tokens", type=positive(int), default=None, metavar="K", help="answer length cap")
     ask.add_argument("--seed", type=int, default=None, help="seed for randomised methods")
     ask.add_argument("--json", action="store_true", help="print one JSON object instead of the answer")
 
@@ -86,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Answer held-out synthetic video questions with the default model; print "
                                       "each question, the answer, the truth and the tokens kept, then the accuracy.")
     add_model_method_flags(demo)
-    demo.add_argument("--n", type=_positive(int), default=8, help="number of questions (default 8)")
+    demo.add_argument("--n", type=positive(int), default=8, help="number of questions (default 8)")
 
     bench = sub.add_parser("bench", help="benchmarks (accuracy vs retention, decoding)", epilog=EPILOG)
     bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=OneLineParser)
@@ -98,10 +77,48 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--model", metavar="PATH", help="model directory; default: the embedded model")
     acc.add_argument("--methods", default="all", help="comma-separated names, or 'all' (default)")
     acc.add_argument("--retain", default="1,0.5,0.25,0.1", help="comma-separated budgets (default 1,0.5,0.25,0.1)")
-    acc.add_argument("--n", type=_positive(int), default=300, help="held-out questions (default 300)")
+    acc.add_argument("--n", type=positive(int), default=300, help="held-out questions (default 300)")
     acc.add_argument("--seed", type=int, default=0)
     acc.add_argument("--json", metavar="FILE", help="write rows and run metadata as JSON")
     acc.add_argument("--plot", metavar="FILE.png", help="plot accuracy vs tokens kept and vs prefill time")
+    dec = bench_sub.add_parser("decode", epilog=EPILOG, help="our PyAV decoding vs `ffmpeg -i FILE -f null -`",
+                               description="Decoding throughput of streamprune (dense: all frames; sparse: 1 fps, "
+                                           "keyframe-aware) against the ffmpeg CLI on the same file, in one run.")
+    dec.add_argument("file", nargs="?", help="video file (or --generate SECONDS)")
+    dec.add_argument("--generate", type=positive(float), metavar="SECONDS",
+                     help="bench a generated 640x360 H.264 clip this long")
+    dec.add_argument("--repeats", type=positive(int), default=3, help="interleaved repeats, best kept (default 3)")
+    dec.add_argument("--json", metavar="FILE", help="also write the result to FILE")
+    rob = bench_sub.add_parser("robot", epilog=EPILOG, help="success and control rate per method x budget",
+                               description="Closed-loop success rate and control steps/s of the VLA with no "
+                                           "pruning and each method at each budget, on the same held-out episodes.")
+    rob.add_argument("--policy", metavar="PATH", help="VLA policy directory; default: the embedded policy")
+    rob.add_argument("--env", default="streamprune/PickColor-v0", help="env id (default streamprune/PickColor-v0)")
+    rob.add_argument("--methods", default="vla_pruner,fastv,uniform,random", help="comma-separated methods")
+    rob.add_argument("--retain", default="0.5,0.25,0.1", help="comma-separated budgets (default 0.5,0.25,0.1)")
+    rob.add_argument("--episodes", type=positive(int), default=100, help="episodes per row (default 100)")
+    rob.add_argument("--json", metavar="FILE", help="write the rows as JSON")
+
+    from pipelines.batch_video import add_batch_arguments
+    from pipelines.robot_loop import add_robot_arguments, add_serve_arguments
+    from streamprune.viz import add_viz_arguments
+
+    viz = sub.add_parser("viz", epilog=EPILOG, help="draw the tokens a method keeps on each frame",
+                         description="Decode VIDEO, run the pruning method and write the clip (.mp4) or a contact "
+                                     "sheet (.png) with kept tokens outlined and pruned ones dimmed.")
+    add_viz_arguments(viz)
+    batch = sub.add_parser("batch", epilog=EPILOG, help="answer questions over many videos on Ray (resumable)",
+                           description="Decode, prune and answer for every input video, spread over Ray actors; "
+                                       "one JSON line per input; re-running skips inputs already ok.")
+    add_batch_arguments(batch)
+    robot = sub.add_parser("robot", epilog=EPILOG, help="closed-loop episodes of a VLA policy in a gymnasium env",
+                           description="Run closed-loop episodes and print success rate, mean episode length, "
+                                       "policy latency (median, p95), control steps/s and visual tokens kept.")
+    add_robot_arguments(robot)
+    serve = sub.add_parser("serve-policy", epilog=EPILOG, help="serve a VLA policy to robot clients over zmq",
+                           description="Answer observation -> action requests (msgpack header + raw image buffer) "
+                                       "from robot clients in robots/.")
+    add_serve_arguments(serve)
     return parser
 
 
@@ -210,9 +227,44 @@ def _float_list(text: str, flag: str) -> list[float]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.bench == "accuracy":
-        return bench_accuracy(args)
-    raise ConfigError(f"unknown benchmark {args.bench!r}")
+    return {"accuracy": bench_accuracy, "decode": bench_decode, "robot": bench_robot}[args.bench](args)
+
+
+def bench_decode(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from streamprune.bench.decode_bench import generate_clip, run_decode_bench
+
+    if args.file is None and args.generate is None:
+        raise ConfigError("bench decode needs a FILE or --generate SECONDS")
+    if args.file is not None and not Path(args.file).is_file():
+        raise InputError(f"video file not found: {args.file}")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.file or generate_clip(Path(tmp) / "bench.mp4", args.generate)
+        result = run_decode_bench(path, args.repeats)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text)
+    return 0
+
+
+def bench_robot(args: argparse.Namespace) -> int:
+    from pipelines.robot_loop import compare_methods, format_robot_table, load_policy
+
+    retains = _float_list(args.retain, "--retain")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    from streamprune.config import method_config
+
+    for m in methods:
+        method_config(m)
+    policy = load_policy(args.policy)
+    rows = compare_methods(policy, args.env, methods, retains, args.episodes, progress=sys.stderr.isatty())
+    print(format_robot_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"policy": str(policy.adapter.model_dir), "env": args.env,
+                                               "rows": rows}, indent=1))
+    return 0
 
 
 def bench_accuracy(args: argparse.Namespace) -> int:
@@ -244,7 +296,21 @@ def bench_accuracy(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"ask": cmd_ask, "methods": cmd_methods, "demo": cmd_demo, "bench": cmd_bench}
+def _lazy(module: str, function: str):
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(module), function)(args)
+    return run
+
+
+COMMANDS = {
+    "ask": cmd_ask, "methods": cmd_methods, "demo": cmd_demo, "bench": cmd_bench,
+    "viz": _lazy("streamprune.viz", "run_viz"),
+    "batch": _lazy("pipelines.batch_video", "run_batch"),
+    "robot": _lazy("pipelines.robot_loop", "run_robot"),
+    "serve-policy": _lazy("pipelines.robot_loop", "run_serve"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:

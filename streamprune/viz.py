@@ -236,7 +236,7 @@ def budget_text(pipeline: PruningPipeline) -> str:
 
 def add_viz_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `streamprune viz` on `parser` (a subcommand parser)."""
-    from streamprune.cli import _positive, _retain
+    from streamprune.cliargs import positive as _positive, retain_ratio as _retain
 
     parser.add_argument("video", metavar="VIDEO", help="video file (any container/codec FFmpeg reads)")
     parser.add_argument("--method", required=True, metavar="NAME",
