@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from streamprune.cliargs import positive, retain_ratio
 from streamprune.errors import ConfigError, InputError, ModelError
 from streamprune.pruning.base import PruneContext, PruningMethod
 from streamprune.pruning.pipeline import PruningPipeline
@@ -229,27 +230,25 @@ def render(frames: list[Frame], highlight: Highlight, per_step: int) -> tuple[li
 
 def budget_text(pipeline: PruningPipeline) -> str:
     b = pipeline.budget
-    parts = ([f"retain {b.retain:g}"] if b.retain is not None else []) + \
-            ([f"max {b.max_tokens} tokens"] if b.max_tokens is not None else [])
+    parts = [f"retain {b.retain:g}"] if b.retain is not None else []
+    parts += [f"max {b.max_tokens} tokens"] if b.max_tokens is not None else []
     return ", ".join(parts) or "retain 1"
 
 
 def add_viz_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `streamprune viz` on `parser` (a subcommand parser)."""
-    from streamprune.cliargs import positive as _positive, retain_ratio as _retain
-
     parser.add_argument("video", metavar="VIDEO", help="video file (any container/codec FFmpeg reads)")
     parser.add_argument("--method", required=True, metavar="NAME",
                         help="pruning method or pipeline (see `streamprune methods`)")
-    parser.add_argument("--retain", type=_retain, default=None, metavar="R",
+    parser.add_argument("--retain", type=retain_ratio, default=None, metavar="R",
                         help="share of visual tokens kept, in (0, 1]; default: the method's own")
-    parser.add_argument("--max-tokens", type=_positive(int), default=None, metavar="N",
+    parser.add_argument("--max-tokens", type=positive(int), default=None, metavar="N",
                         help="absolute cap on kept visual tokens (with --retain the smaller wins)")
     parser.add_argument("--out", required=True, metavar="FILE.mp4|FILE.png",
                         help="annotated clip (.mp4) or contact sheet (.png)")
     parser.add_argument("--model", metavar="PATH", help="model directory; default: the embedded model")
-    parser.add_argument("--fps", type=_positive(float), default=None, help="frames sampled per second (default 1)")
-    parser.add_argument("--max-frames", type=_positive(int), default=None, metavar="N",
+    parser.add_argument("--fps", type=positive(float), default=None, help="frames sampled per second (default 1)")
+    parser.add_argument("--max-frames", type=positive(int), default=None, metavar="N",
                         help="at most N frames, evenly spaced over the clip (default 16)")
     parser.add_argument("--question", "-q", default=DEFAULT_QUESTION,
                         help="prompt for inner-LLM stages, whose choice depends on it")
