@@ -208,7 +208,10 @@ def _iterate(
             return
         stream.thread_type = "AUTO"
         try:
-            yield from _Reader(container, stream, info, path).read(wanted, strategy)
+            reader = _Reader(container, stream, info, path)
+            yield from reader.read(wanted, strategy)
+            if end is None:
+                reader.check_complete()
         except av.FFmpegError as err:
             raise InputError(f"truncated or corrupt video: {path} ({_reason(err)})") from None
 
@@ -227,6 +230,25 @@ class _Reader:
         self.last_key_s: float | None = None  # last keyframe seen while decoding without a seek in between
         self.seeks = 0
         self.decoded = 0
+
+    def check_complete(self) -> None:
+        """A file cut short can still serve every wanted frame (a sparse sample that all lies
+        before the cut), yet it is broken: demux the last seconds (packets only, no decoding)
+        and check that they reach the declared duration."""
+        if not self.seekable:
+            return
+        tail_start = max(0.0, self.info.duration - 2.0)
+        self.container.seek(self.start_pts + int(tail_start / self.tb), backward=True, any_frame=False,
+                            stream=self.stream)
+        reached = None
+        for packet in self.container.demux(self.stream):
+            if packet.pts is not None and packet.size:
+                end = (packet.pts - self.start_pts + (packet.duration or 0)) * self.tb
+                reached = end if reached is None else max(reached, end)
+        if reached is None or self.info.duration - reached > TRUNCATION_TOLERANCE_S:
+            stop = f"{reached:.2f}s" if reached is not None else "an unknown point"
+            raise InputError(f"truncated or corrupt video: {self.path} (packets stop at {stop} of a declared "
+                             f"{self.info.duration:.2f}s)")
 
     def _index_keyframes(self) -> tuple[list[float], bool]:
         """Keyframe times (s, presentation) from the container index, and whether that index lists
