@@ -31,7 +31,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 def add_model_method_flags(p: argparse.ArgumentParser) -> None:
     """--model/--method/--retain/--max-tokens, shared by every command that runs a model."""
-    p.add_argument("--model", metavar="PATH", help="model directory (save_pretrained layout); default: the embedded model")
+    p.add_argument("--model", metavar="PATH", help="model directory (save_pretrained layout) or a configs/models "
+                                                   "name; default: the embedded model")
     p.add_argument("--method", default=None, metavar="NAME",
                    help="pruning method or pipeline (see `streamprune methods`); default: none")
     p.add_argument("--retain", type=retain_ratio, default=None, metavar="R",
@@ -168,12 +169,15 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_model(path: str | None, attn_implementation: str = "sdpa"):
-    """The adapter for `path`, or for the embedded default model when `path` is None."""
+def load_model(spec: str | None, attn_implementation: str | None = None):
+    """The adapter for `spec` (a directory or a configs/models name), or the embedded default."""
+    from streamprune.config import resolve_model
     from streamprune.models import load_adapter
     from streamprune.models.default import default_model_dir
 
-    return load_adapter(path if path is not None else default_model_dir(), attn_implementation)
+    cfg = resolve_model(spec)
+    return load_adapter(cfg.path if cfg.path is not None else default_model_dir(),
+                        attn_implementation or cfg.attn_implementation)
 
 
 def cmd_methods(args: argparse.Namespace) -> int:

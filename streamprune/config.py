@@ -102,6 +102,20 @@ def load_pipeline_defaults(cls: type[T], name: str) -> T:
     return from_dict(cls, load_yaml(path), str(path)) if path.is_file() else cls()
 
 
+def resolve_model(spec: str | None) -> ModelConfig:
+    """`--model` as given: None (the embedded default), a directory, or the name of a
+    configs/models/NAME.yaml file. Relative paths in those files are relative to the repository."""
+    if spec is None:
+        return ModelConfig()
+    named = CONFIG_DIR / "models" / f"{spec}.yaml"
+    if not Path(spec).exists() and named.is_file():
+        cfg = from_dict(ModelConfig, load_yaml(named), str(named))
+        if cfg.path is not None and not Path(cfg.path).is_absolute():
+            cfg.path = str(CONFIG_DIR.parent / cfg.path)
+        return cfg
+    return ModelConfig(path=spec)
+
+
 def method_config(name: str) -> MethodConfig:
     """The pruning pipeline called `name`: configs/methods/NAME.yaml if present, else the
     registered method of that name as a single stage with its paper defaults."""
