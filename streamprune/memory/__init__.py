@@ -1,0 +1,5 @@
+"""Bounded memory of a live stream's visual tokens (see streaming.py for the rules)."""
+
+from streamprune.memory.streaming import MemoryConfig, MemorySnapshot, MemoryUnit, StreamingMemory
+
+__all__ = ["MemoryConfig", "MemorySnapshot", "MemoryUnit", "StreamingMemory"]

@@ -1,0 +1,312 @@
+"""Bounded visual memory for question answering on an endless stream.
+
+The memory holds the visual tokens of the stream so far, never more than `kv_budget` of them.
+Each token has a feature `[D]`, a position (t, h, w) with t the stream's frame counter, the
+stream times it covers, a merge weight and an eviction score. New frames arrive as small units
+(one frame for LLaVA-OneVision, `temporal_patch_size` frames for Qwen2.5-VL) already pruned to
+the per-frame budget by the configured method. When the store is over budget:
+
+1. The last `recent_frames` units stay untouched, at the detail the per-frame method gave them.
+2. Older units are compressed: FastVID's DySeg (`streamprune.pruning.fastvid.dyseg`, c=1, i.e.
+   pure threshold cuts) splits them into runs of similar frames by the cosine of consecutive
+   frame-mean features; inside a run, tokens at the same (h, w) whose cosine to the run's earliest
+   token there exceeds HoliTom's tau are averaged into it (HoliTom's static-token averaging,
+   weighted by how many tokens each already holds). HoliTom calls a position static when every
+   consecutive pair is similar; here each token is compared with the anchor, which lets the
+   merge proceed incrementally as frames leave the recent window.
+3. If still over budget, A2SF's rule evicts (Jo & Shin, "A2SF: Accumulative Attention Scoring
+   with Forgetting Factor for Token Pruning in Transformer Decoder", arXiv 2407.20485): each
+   token's score is its accumulated attention with a forgetting factor alpha (paper/README
+   default 0.95), score <- alpha * score + new attention, and the lowest scores go first
+   (ties: oldest first). The attention comes from question prefill: the last prompt token's
+   head-averaged attention to the memory's visual tokens at one decoder layer, renormalised over
+   them. A2SF forgets per query step; here one step is one arriving unit, and a token never
+   attended holds a recency prior: it enters with 1/kv_budget (the share a uniform attention would
+   give it), which then decays like any score. A2SF also protects the newest tokens (its
+   `recent_budget`); here that is the recent window.
+
+The "KV cache" is NOT kept incrementally: each question re-prefills the LLM from this bounded
+visual memory (plus the prompt), so the bound on visual tokens is a bound on the KV cache built
+for each answer, and the prefill cost per question is O(kv_budget).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from streamprune.errors import ConfigError
+from streamprune.pruning.fastvid import dyseg
+
+log = logging.getLogger(__name__)
+
+_RENORMALISE_BELOW = 1e-150  # lazy-decay scale at which stored scores are folded back
+
+
+@dataclass
+class MemoryConfig:
+    """Bounds and rules of the streaming memory.
+
+    kv_budget:     most visual tokens ever held.
+    recent_frames: newest units kept as they arrived (never compressed or evicted).
+    alpha:         A2SF forgetting factor per unit (paper default 0.95).
+    segment_tau:   DySeg cut threshold on consecutive frame cosine (FastVID default 0.9).
+    static_tau:    HoliTom static threshold for merging tokens at one position (default 0.8).
+    """
+
+    kv_budget: int = 2048
+    recent_frames: int = 8
+    alpha: float = 0.95
+    segment_tau: float = 0.9
+    static_tau: float = 0.8
+
+    def __post_init__(self) -> None:
+        if self.kv_budget < 1:
+            raise ConfigError(f"kv budget must be >= 1 token, got {self.kv_budget}")
+        if self.recent_frames < 1:
+            raise ConfigError(f"recent window must be >= 1 frame, got {self.recent_frames}")
+        if not 0.0 < self.alpha <= 1.0:
+            raise ConfigError(f"A2SF alpha must be in (0, 1], got {self.alpha}")
+
+
+@dataclass
+class MemoryUnit:
+    """One encoded unit (1 frame, or a Qwen2.5-VL temporal patch) after per-frame pruning.
+
+    features `[n, D]`, hw `[n, 2]` long grid positions, frame = stream index of the unit's first
+    frame, timestamp its stream time in seconds, arrived = monotonic time it entered the pipeline.
+    """
+
+    features: torch.Tensor
+    hw: torch.Tensor
+    frame: int
+    timestamp: float
+    arrived: float = 0.0
+    tokens_before_pruning: int = 0
+
+
+@dataclass
+class MemorySnapshot:
+    """The memory at one instant, in time order: what one answer is built from.
+
+    features `[M, D]`, thw `[M, 3]` (t = frame counter), ts `[M]` / ts_end `[M]` stream seconds
+    each token covers, uid `[M]` token ids (to credit attention back), newline `[E, D]`.
+    """
+
+    features: torch.Tensor
+    thw: torch.Tensor
+    ts: torch.Tensor
+    ts_end: torch.Tensor
+    uid: torch.Tensor
+    newline: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def stream_time(self) -> float:
+        """Stream time of the newest frame the snapshot holds."""
+        return float(self.ts_end.max()) if len(self) else 0.0
+
+    @property
+    def start_time(self) -> float:
+        return float(self.ts.min()) if len(self) else 0.0
+
+
+class StreamingMemory:
+    """A fixed-capacity token store; see the module doc for the rules. Thread-safe.
+
+    Buffers are allocated once (capacity = budget + one unit's tokens, grown only if a larger
+    unit arrives), so a long stream does not grow the process.
+    """
+
+    def __init__(self, config: MemoryConfig, dim: int, newline: torch.Tensor | None = None) -> None:
+        self.config = config
+        self.dim = dim
+        self.lock = threading.Lock()
+        self.newline = newline if newline is not None else torch.zeros(0, dim)
+        self.n = 0
+        self._capacity = 0
+        self._next_uid = 0
+        self._scale = 1.0  # alpha^steps: a stored score s is worth s * _scale now
+        self._recent: deque[int] = deque(maxlen=config.recent_frames)
+        self._unit_tokens = 0  # most tokens one unit brought (for the window check)
+        self.evicted = 0
+        self.merged = 0
+        self.units = 0
+        self._allocate(config.kv_budget + 1)
+
+    # -- storage ---------------------------------------------------------------------------------
+    def _allocate(self, capacity: int) -> None:
+        n = self.n
+        old = (self.features[:n], self.thw[:n], self.t_end[:n], self.ts[:n], self.ts_end[:n],
+               self.weight[:n], self.score[:n], self.uid[:n]) if self._capacity else None
+        self.features = torch.zeros(capacity, self.dim)
+        self.thw = torch.zeros(capacity, 3, dtype=torch.long)
+        self.t_end = torch.zeros(capacity, dtype=torch.long)
+        self.ts = torch.zeros(capacity, dtype=torch.float64)
+        self.ts_end = torch.zeros(capacity, dtype=torch.float64)
+        self.weight = torch.zeros(capacity)
+        self.score = torch.zeros(capacity, dtype=torch.float64)
+        self.uid = torch.zeros(capacity, dtype=torch.long)
+        if old is not None:
+            for dst, src in zip((self.features, self.thw, self.t_end, self.ts, self.ts_end,
+                                 self.weight, self.score, self.uid), old):
+                dst[:n] = src
+        self._capacity = capacity
+
+    def __len__(self) -> int:
+        return self.n
+
+    def scores(self) -> torch.Tensor:
+        """`[M]` current A2SF scores (stored scores times the pending decay)."""
+        return self.score[: self.n] * self._scale
+
+    def protected(self) -> torch.Tensor:
+        """`[M]` bool: tokens of the recent window."""
+        if not self._recent:
+            return torch.zeros(self.n, dtype=torch.bool)
+        return self.thw[: self.n, 0] >= self._recent[0]
+
+    # -- updates ---------------------------------------------------------------------------------
+    def append(self, unit: MemoryUnit) -> None:
+        """Add one unit's tokens, then compress / evict down to the budget."""
+        with self.lock:
+            k = int(unit.features.shape[0])
+            self._unit_tokens = max(self._unit_tokens, k)
+            if self._unit_tokens * self.config.recent_frames > self.config.kv_budget:
+                raise ConfigError(
+                    f"kv budget {self.config.kv_budget} is smaller than the recent window "
+                    f"({self.config.recent_frames} frames x {self._unit_tokens} tokens); raise --kv-budget"
+                )
+            self._step()
+            if self.n + k > self._capacity:
+                self._allocate(self.config.kv_budget + 2 * k)
+            s = slice(self.n, self.n + k)
+            self.features[s] = unit.features.float()
+            self.thw[s, 0] = unit.frame
+            self.thw[s, 1:] = unit.hw
+            self.t_end[s] = unit.frame
+            self.ts[s] = unit.timestamp
+            self.ts_end[s] = unit.timestamp
+            self.weight[s] = 1.0
+            self.score[s] = (1.0 / self.config.kv_budget) / self._scale
+            self.uid[s] = torch.arange(self._next_uid, self._next_uid + k)
+            self._next_uid += k
+            self.n += k
+            self.units += 1
+            self._recent.append(unit.frame)
+            if self.n > self.config.kv_budget:
+                self._compress()
+            if self.n > self.config.kv_budget:
+                self._evict(self.n - self.config.kv_budget)
+
+    def _step(self) -> None:
+        """A2SF forgetting for one unit: every score times alpha (applied lazily through _scale)."""
+        self._scale *= self.config.alpha
+        if self._scale < _RENORMALISE_BELOW:
+            self.score[: self.n] *= self._scale
+            self._scale = 1.0
+
+    def credit_attention(self, uid: torch.Tensor, attention: torch.Tensor) -> int:
+        """A2SF accumulation: add a question's attention `[K]` (over the snapshot tokens `uid`)
+        to the tokens still held. Returns how many were found."""
+        with self.lock:
+            if not self.n or not uid.numel():
+                return 0
+            held = self.uid[: self.n]  # ascending: appends add rising ids, compaction keeps order
+            where = torch.searchsorted(held, uid).clamp(max=self.n - 1)
+            found = held[where] == uid
+            total = attention.sum()
+            share = attention.double() / total if total > 0 else attention.double()
+            self.score.index_add_(0, where[found], share[found] / self._scale)
+            return int(found.sum())
+
+    def _compress(self) -> None:
+        """DySeg runs of similar old frames; static tokens at one position averaged (see module doc)."""
+        n = self.n
+        old = ~self.protected()
+        if int(old.sum()) < 2:
+            return
+        idx = old.nonzero().squeeze(1)  # time order
+        feats = self.features[idx]
+        frames = self.thw[idx, 0]
+        frame_ids, frame_of = torch.unique_consecutive(frames, return_inverse=True)
+        if frame_ids.numel() < 2:
+            return
+        sums = torch.zeros(frame_ids.numel(), self.dim).index_add_(0, frame_of, feats * self.weight[idx, None])
+        segments = dyseg(sums, c=1, tau=self.config.segment_tau)
+        seg_of_frame = torch.zeros(frame_ids.numel(), dtype=torch.long)
+        for s, (a, b) in enumerate(segments):
+            seg_of_frame[a:b] = s
+        seg = seg_of_frame[frame_of]
+        h, w = self.thw[idx, 1], self.thw[idx, 2]
+        width = int(w.max()) + 1
+        key = (seg * (int(h.max()) + 1) + h) * width + w
+        order = torch.argsort(key, stable=True)  # stable: each group's earliest token first
+        sorted_key = key[order]
+        first = torch.ones_like(sorted_key, dtype=torch.bool)
+        first[1:] = sorted_key[1:] != sorted_key[:-1]
+        group_start = torch.cummax(torch.where(first, torch.arange(len(order)), 0), dim=0).values
+        member, anchor = idx[order], idx[order[group_start]]
+        unit = F.normalize(self.features[:n], dim=-1)
+        cos = (unit[member] * unit[anchor]).sum(-1)
+        merge = (~first) & (cos > self.config.static_tau)
+        if not merge.any():
+            return
+        member, anchor = member[merge], anchor[merge]
+        wm = self.weight[member]
+        self.features[anchor] *= self.weight[anchor, None]  # weighted mean: sum, then divide
+        self.features.index_add_(0, anchor, self.features[member] * wm[:, None])
+        self.weight.index_add_(0, anchor, wm)
+        self.features[anchor] /= self.weight[anchor, None]
+        self.score.index_add_(0, anchor, self.score[member])
+        self.t_end.scatter_reduce_(0, anchor, self.t_end[member], reduce="amax")
+        self.ts_end.scatter_reduce_(0, anchor, self.ts_end[member], reduce="amax")
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[member] = False
+        self.merged += int(merge.sum())
+        self._compact(keep)
+
+    def _evict(self, count: int) -> None:
+        """Drop the `count` unprotected tokens of lowest A2SF score (ties: oldest first)."""
+        n = self.n
+        candidates = (~self.protected()).nonzero().squeeze(1)  # time order
+        order = torch.argsort(self.score[candidates], stable=True)
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[candidates[order[:count]]] = False
+        self.evicted += min(count, candidates.numel())
+        self._compact(keep)
+
+    def _compact(self, keep: torch.Tensor) -> None:
+        idx = keep.nonzero().squeeze(1)
+        m = idx.numel()
+        for buf in (self.features, self.thw, self.t_end, self.ts, self.ts_end, self.weight, self.score, self.uid):
+            buf[:m] = buf[idx]
+        self.n = m
+
+    # -- reading ---------------------------------------------------------------------------------
+    def snapshot(self) -> MemorySnapshot:
+        """A copy of the held tokens (time order), safe to use while the stream goes on."""
+        with self.lock:
+            n = self.n
+            thw = self.thw[:n].clone()
+            return MemorySnapshot(features=self.features[:n].clone(), thw=thw, ts=self.ts[:n].clone(),
+                                  ts_end=self.ts_end[:n].clone(), uid=self.uid[:n].clone(),
+                                  newline=self.newline.clone())
+
+    def tokens_per_frame(self) -> dict[int, int]:
+        """{frame counter: tokens held whose anchor is that frame} (for inspection and tests)."""
+        with self.lock:
+            frames, counts = torch.unique(self.thw[: self.n, 0], return_counts=True)
+            return dict(zip(frames.tolist(), counts.tolist()))
+
+    def frames_covered(self) -> torch.Tensor:
+        """`[M, 2]` first and last frame counter each held token covers (merged tokens span > 1)."""
+        with self.lock:
+            return torch.stack([self.thw[: self.n, 0], self.t_end[: self.n]], dim=1).clone()
