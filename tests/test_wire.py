@@ -15,9 +15,10 @@ import pytest
 import zmq
 
 from streamprune.errors import ConfigError
-from streamprune.sources import SyntheticConfig, SyntheticSource, ZmqSource
+from streamprune.sources import SyntheticConfig, SyntheticSource, ZmqSource, open_source
 from streamprune.transport import Publisher, WireError, decode, encode, run_publisher
 from streamprune.types import Frame
+from streamprune.videofile import read_marker
 
 RNG = np.random.default_rng(0)
 
@@ -365,6 +366,30 @@ def test_subscriber_keeps_working_when_the_publisher_restarts() -> None:
         _wait_for(lambda: src.stats.reconnects >= 1)
     finally:
         col.close()
+
+
+def test_run_publisher_streams_a_file_that_a_subscriber_receives_in_order(make_video) -> None:
+    path = make_video(frames=30, fps=60.0)
+    ready, stop = queue.Queue(), threading.Event()
+    t = threading.Thread(
+        target=run_publisher, args=(open_source(f"file:{path}", loop=True), "tcp://127.0.0.1:*", stop),
+        kwargs={"on_ready": ready.put},
+    )
+    t.start()
+    col = Collector(ZmqSource(ready.get(timeout=10)))
+    try:
+        count = iter(range(1, 1000))
+        got = col.until(lambda f: next(count) == 20)
+    finally:
+        stop.set()
+        t.join(timeout=5)
+        col.close()
+    markers = [read_marker(f.image) for f in got]
+    # a looping clip: markers only move forward (wrapping at 30), never repeat or go back
+    steps = [(b - a) % 30 for a, b in zip(markers, markers[1:])]
+    assert len(got) == 20 and all(step >= 1 for step in steps)
+    assert [f.timestamp for f in got] == sorted({f.timestamp for f in got})
+    assert got[0].image.shape == (48, 64, 3)
 
 
 def test_publisher_refuses_non_loopback_bind_unless_allowed() -> None:
