@@ -201,7 +201,7 @@ def select_tokens(adapter, frames: np.ndarray, pipeline: PruningPipeline, fps: f
     With an inner-LLM stage, prefill `question` and compose that stage's choice in."""
     from streamprune.models.base import DynamicCache, InnerStage
 
-    video = adapter.encode(frames, fps=fps, signals=pipeline.requires)
+    video = adapter.encode(frames, fps=fps, signals=pipeline.requires, cacher=adapter.make_cacher(pipeline))
     selection = pipeline.select(video.tokens, ctx)
     merged = merged_rows(video.tokens, selection)
     if pipeline.inner_llm is None:
