@@ -10,8 +10,9 @@ Why PUB/SUB with HWM 2 and CONFLATE off:
 - HWM 2 on both ends and small kernel socket buffers (256 KB) keep at most a few frames queued
   per subscriber, so a slow consumer sees frames a few intervals old instead of a backlog; the
   subscriber also skips to the newest queued frame (`latest_only`), counting the skips. Measured
-  here (640x480 at 30 fps, a consumer needing 150 ms per frame): median frame age 0.28 s with all
-  three, 0.73 s without `latest_only`, 1.5 s with default kernel buffers, 2.0 s with HWM 4.
+  here (640x480 at 30 fps, a consumer needing 150 ms per frame), median age of the frames it
+  got: 0.28 s with all three; without `latest_only` 0.73 s, and with the default kernel buffers
+  as well 1.5 s (2.0 s with HWM 4).
 - CONFLATE (keep only the last message) would be the textbook "latest frame" option, but zmq's
   conflate does not support multipart messages, and every message here is [header, buffer].
 Frames dropped anywhere on the way show up as gaps in the header's `seq`, which the subscriber counts.
@@ -63,6 +64,8 @@ def is_loopback(endpoint: str) -> bool:
 
 @dataclass
 class PublisherStats:
+    """What `run_publisher` did: frames handed to zmq (PUB may still drop them per subscriber)."""
+
     frames_sent: int = 0
     started: float = 0.0
 
