@@ -1,2 +1,2 @@
-"""Jobs assembled from the library pieces (decode, models, pruning): `batch` answers a question about
-many video files, optionally spread over a Ray cluster."""
+"""Jobs assembled from the library pieces (decode, sources, models, pruning), e.g. `batch`: one
+question answered about many video files, optionally spread over a Ray cluster."""

@@ -711,12 +711,10 @@ def _connect_ray(job: BatchJob) -> bool:
         if job.ray_address:
             ray.init(address=job.ray_address, log_to_driver=not quiet)
         else:
-            ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=not quiet)
+            # "local": a fresh instance even when another Ray cluster runs on this machine
+            ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=not quiet)
     except (ConnectionError, ValueError, RuntimeError) as err:
         raise ConfigError(f"cannot start or reach Ray at {job.ray_address or 'a new local instance'}: "
                           f"{_first_line(err)}") from None
     return True
 
-
-def report_dict(report: BatchReport) -> dict[str, Any]:
-    return {**asdict(report), "frames_per_s": round(report.frames_per_s, 3)}
