@@ -40,6 +40,9 @@ SUITES: dict[str, tuple[str, int]] = {
 TASKS_PER_SUITE = 10
 SETTLE_STEPS = 10
 NOOP_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], np.float32)  # hold still, gripper open
+# Bounds of the 8-D state: the end effector stays within 2 m of the world origin (table), an
+# axis-angle from robosuite's quat2axisangle has norm <= 2*pi, a Panda finger opens < 0.05 m.
+STATE_BOUND = np.array([2.0] * 3 + [2 * np.pi] * 3 + [0.1] * 2, np.float32)
 INSTRUCTION_CHARSET = string.ascii_letters + string.digits + string.punctuation + " "
 
 
@@ -115,10 +118,13 @@ class LiberoEnv(gym.Env):
             hard_reset=False,
         )
         self.sim_env.seed(0)
+        # LIBERO toggles site colours (e.g. a stove's burner) in the model as states change; a
+        # soft reset keeps them, so keep the freshly built model's colours to restore.
+        self._site_rgba0 = np.array(self.sim_env.sim.model.site_rgba, copy=True)
         obs_spaces: dict[str, spaces.Space] = {
             "image": spaces.Box(0, 255, (image_size, image_size, 3), np.uint8),
             "instruction": spaces.Text(512, min_length=1, charset=INSTRUCTION_CHARSET),
-            "state": spaces.Box(-np.inf, np.inf, (8,), np.float32),
+            "state": spaces.Box(-STATE_BOUND, STATE_BOUND, dtype=np.float32),
         }
         if wrist_image:
             obs_spaces["wrist_image"] = spaces.Box(0, 255, (image_size, image_size, 3), np.uint8)
@@ -138,7 +144,21 @@ class LiberoEnv(gym.Env):
         if not 0 <= k < n:
             raise ConfigError(f"init_state must be in 0..{n - 1}, got {k}")
         self.init_state_id = k
-        self.sim_env.reset()
+        # The initial states fix the movable objects only: every reset LIBERO re-draws the
+        # fixtures' poses (e.g. the cabinet's) from numpy's global RNG. Draw them from this env's
+        # seeded RNG instead, leaving the global RNG as it was.
+        global_rng = np.random.get_state()
+        np.random.seed(int(self.np_random.integers(2**32)))
+        try:
+            self.sim_env.reset()
+        finally:
+            np.random.set_state(global_rng)
+        # A soft reset keeps the gripper's smoothed command and the site colours from the last
+        # episode; a fresh model (OpenVLA's hard reset) starts from the built ones, and so must we
+        # for a fixed initial state to give the same episode every time.
+        for robot in self.sim_env.robots:
+            robot.gripper.current_action = np.zeros_like(robot.gripper.current_action)
+        self.sim_env.sim.model.site_rgba[:] = self._site_rgba0
         self.raw_obs = self.sim_env.set_init_state(self.init_states[k])
         for _ in range(self.settle_steps):
             self.raw_obs, _, _, _ = self.sim_env.step(NOOP_ACTION)
