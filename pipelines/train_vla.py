@@ -1,0 +1,346 @@
+"""Train the default VLA policy: a small LLaVA-OneVision, from scratch, by behaviour cloning on PickColor.
+
+    python -m pipelines.train_vla --out streamprune/assets/default_vla --seed 0
+
+Demonstrations come from PickColor's scripted expert on training seeds (< 100000; the closed-loop
+evaluation in pipelines.robot_loop uses seeds from 100000 up). The executed action is the expert's
+plus Gaussian noise (DART, Laskey et al. 2017), so the data visits the off-course states a learned
+policy drifts into, while every label stays the expert's action at the visited state.
+
+The model is the real `transformers.LlavaOnevisionForConditionalGeneration` at a tiny size with a
+word-level tokenizer, laid out exactly as `VLAPolicy` runs it: the camera image is a one-frame video
+through `square_pixels` (SigLIP normalisation), ids = <video> x (h*w + 1) + "task : {instruction}
+action :", then one token per action dimension from the last 256 ids of the vocabulary (OpenVLA
+binning). Only the action tokens are labelled; the loss is cross-entropy over the 256 bins (the
+only ids decoding may choose) against a Gaussian-smoothed target over neighbouring bins, since
+bins are ordered and a near miss is almost right. Closed-loop success on validation seeds (90000+,
+still training seeds) picks the checkpoint; the held-out episodes are scored once at the end with
+`VLAPolicy.load` and `run_episodes`. Writes safetensors weights, tokenizer, streamprune.json and
+train_metrics.json to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, PreTrainedTokenizerFast
+
+from envs import PICKCOLOR_ID, make_env
+from envs.pickcolor import COLOURS, SHAPES
+from streamprune.models.preprocess import square_pixels
+from streamprune.models.prompt import SIDECAR, build_prompt_ids
+from streamprune.models.tiny import word_tokenizer
+from streamprune.models.vla import ACTION_BINS, ActionTokenizer, action_bins_needed
+
+log = logging.getLogger("train_vla")
+
+PROMPT_TEMPLATE = "<video> task : {question} action :"
+WORDS = ["task", ":", "action", "reach", "the", *COLOURS, *SHAPES]
+ACTION_DIM = 2
+VAL_SEED = 90_000  # closed-loop validation episodes: seeds from here, below the held-out 100000
+
+
+@dataclass
+class ModelSize:
+    """Sizes of the tiny LLaVA-OneVision; 64 px images in 4 px patches -> 16x16 -> pooled 8x8 = 64 tokens."""
+
+    image_size: int = 64
+    patch_size: int = 4
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 4
+    text_hidden: int = 128
+    text_layers: int = 4  # FastV's K=2 and VLA-Pruner's K=3 then prune at different layers
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_intermediate: int = 256
+
+    @property
+    def visual_tokens(self) -> int:
+        side = math.ceil(self.image_size // self.patch_size / 2)
+        return side * side
+
+
+def build_model(tokenizer: PreTrainedTokenizerFast, size: ModelSize, seed: int) -> LlavaOnevisionForConditionalGeneration:
+    torch.manual_seed(seed)
+    config = LlavaOnevisionConfig(
+        vision_config={
+            "model_type": "siglip_vision_model", "hidden_size": size.vision_hidden,
+            "intermediate_size": 4 * size.vision_hidden, "num_hidden_layers": size.vision_layers,
+            "num_attention_heads": size.vision_heads, "image_size": size.image_size, "patch_size": size.patch_size,
+        },
+        text_config={
+            "model_type": "qwen2", "hidden_size": size.text_hidden, "intermediate_size": size.text_intermediate,
+            "num_hidden_layers": size.text_layers, "num_attention_heads": size.text_heads,
+            "num_key_value_heads": size.text_kv_heads, "vocab_size": action_bins_needed(len(tokenizer)),
+            "max_position_embeddings": 512, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id, "bos_token_id": None,
+        },
+        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        image_grid_pinpoints=[[size.image_size, size.image_size]],
+    )
+    return LlavaOnevisionForConditionalGeneration(config)
+
+
+@dataclass
+class Demos:
+    """Visited states and the expert's labels: images `[N, S, S, 3]` uint8, instruction index `[N]`
+    into `instructions`, actions `[N, 2]` float32."""
+
+    images: np.ndarray
+    instruction: np.ndarray
+    actions: np.ndarray
+    instructions: list[str]
+    episodes: int
+    expert_success: float
+
+
+def collect(episodes: int, first_seed: int, noise: float, image_size: int, seed: int) -> Demos:
+    """Roll out the expert with DART noise: executed = clip(expert + N(0, sigma^2)), sigma drawn per
+    episode from U(0, noise) so the data holds both clean and perturbed trajectories."""
+    env = make_env(PICKCOLOR_ID, image_size=image_size)
+    rng = np.random.default_rng(seed)
+    instructions = sorted(f"reach the {c} {s}" for c in COLOURS for s in SHAPES)
+    index = {text: i for i, text in enumerate(instructions)}
+    images, which, actions, successes = [], [], [], 0
+    for episode in tqdm(range(episodes), desc="demos", unit="ep", dynamic_ncols=True):
+        obs, _ = env.reset(seed=first_seed + episode)
+        sigma = rng.uniform(0.0, noise)
+        while True:
+            expert = env.unwrapped.expert_action()
+            images.append(obs["image"])
+            which.append(index[obs["instruction"]])
+            actions.append(expert)
+            executed = np.clip(expert + rng.normal(0.0, sigma, ACTION_DIM), -1.0, 1.0)
+            obs, _, terminated, truncated, info = env.step(executed)
+            if terminated or truncated:
+                successes += bool(info["is_success"])
+                break
+    env.close()
+    return Demos(np.stack(images), np.asarray(which), np.stack(actions).astype(np.float32), instructions,
+                 episodes, successes / episodes)
+
+
+class Batcher:
+    """Model inputs for (image, instruction[, first action token]) rows; every row has the same
+    length (all instructions are four words), so no padding."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, size: ModelSize, instructions: list[str],
+                 actions: ActionTokenizer) -> None:
+        self.size, self.actions = size, actions
+        video = [tokenizer.convert_tokens_to_ids("<video>")] * (size.visual_tokens + 1)  # +1: image_newline
+        self.prompts = {}
+        for text in instructions:
+            ids = build_prompt_ids(tokenizer, text, PROMPT_TEMPLATE)
+            self.prompts[text] = ids.prefix + video + ids.suffix
+
+    def inputs(self, images: np.ndarray, texts: list[str], first: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """images `[B, S, S, 3]` uint8; `first` `[B]` action-token ids appended after the prompt."""
+        ids = torch.tensor([self.prompts[t] for t in texts])
+        if first is not None:
+            ids = torch.cat([ids, first[:, None]], dim=1)
+        return {"input_ids": ids, "pixel_values_videos": square_pixels(images, self.size.image_size)[:, None]}
+
+
+def action_logits(model, batch: dict[str, torch.Tensor], actions: ActionTokenizer, keep: int) -> torch.Tensor:
+    """Logits over the action bins at the last `keep` positions: `[B, keep, bins]`."""
+    logits = model(**batch, logits_to_keep=keep).logits
+    return logits[..., actions.first_id:actions.first_id + actions.bins]
+
+
+def smooth_targets(bins: torch.Tensor, n_bins: int, sigma: float) -> torch.Tensor:
+    """`[B, D]` bin indices -> `[B, D, n_bins]` Gaussian over neighbouring bins (one-hot if sigma=0)."""
+    if sigma <= 0:
+        return F.one_hot(bins, n_bins).float()
+    grid = torch.arange(n_bins, dtype=torch.float32)
+    weights = torch.exp(-0.5 * ((grid - bins[..., None].float()) / sigma) ** 2)
+    return weights / weights.sum(-1, keepdim=True)
+
+
+@torch.no_grad()
+def closed_loop(model, batcher: Batcher, actions: ActionTokenizer, episodes: int, first_seed: int,
+                image_size: int, parallel: int = 50) -> dict:
+    """Greedy closed-loop success over `episodes` PickColor episodes, `parallel` envs stepped as one
+    batch (two forward passes per control step: one per action dimension)."""
+    model.eval()
+    successes, lengths = [], []
+    for start in range(0, episodes, parallel):
+        envs = [make_env(PICKCOLOR_ID, image_size=image_size) for _ in range(min(parallel, episodes - start))]
+        obs = [env.reset(seed=first_seed + start + i)[0] for i, env in enumerate(envs)]
+        live = list(range(len(envs)))
+        done = [None] * len(envs)
+        steps = [0] * len(envs)
+        while live:
+            images = np.stack([obs[i]["image"] for i in live])
+            texts = [obs[i]["instruction"] for i in live]
+            first = action_logits(model, batcher.inputs(images, texts), actions, 1)[:, -1].argmax(-1)
+            first_ids = first + actions.first_id
+            second = action_logits(model, batcher.inputs(images, texts, first_ids), actions, 1)[:, -1].argmax(-1)
+            for k, i in enumerate(list(live)):
+                act = actions.to_action([int(first_ids[k]), int(second[k]) + actions.first_id])
+                obs[i], _, terminated, truncated, info = envs[i].step(act)
+                steps[i] += 1
+                if terminated or truncated:
+                    done[i] = bool(info["is_success"])
+                    live.remove(i)
+        successes += done
+        lengths += steps
+        for env in envs:
+            env.close()
+    model.train()
+    return {"success_rate": float(np.mean(successes)), "mean_length": float(np.mean(lengths)), "episodes": episodes}
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
+
+
+def heldout_success(out: Path, episodes: int) -> dict:
+    """Success of the saved policy, loaded and run exactly as `streamprune robot` does."""
+    from pipelines.robot_loop import run_episodes
+    from streamprune.models.vla import VLAPolicy
+    from streamprune.pruning.pipeline import build_pipeline
+
+    policy = VLAPolicy.load(out)
+    return run_episodes(policy, PICKCOLOR_ID, build_pipeline("none"), episodes, seed=0, progress=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="directory to write the checkpoint, tokenizer and metrics to")
+    p.add_argument("--seed", type=int, default=0, help="model init, noise and batch-order seed")
+    p.add_argument("--episodes", type=int, default=4000, help="expert demonstration episodes (seeds 0..N-1)")
+    p.add_argument("--noise", type=float, default=0.4,
+                   help="DART: per-episode action-noise std drawn from U(0, NOISE) (default 0.4)")
+    p.add_argument("--steps", type=int, default=2400, help="optimizer steps (cosine schedule over these)")
+    p.add_argument("--batch-size", type=int, default=48, help="states per step")
+    p.add_argument("--lr", type=float, default=1.5e-3, help="peak AdamW learning rate")
+    p.add_argument("--warmup", type=int, default=150, help="linear warm-up steps")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--label-sigma", type=float, default=2.0,
+                   help="std (in bins) of the Gaussian target over neighbouring action bins; 0 = one-hot")
+    p.add_argument("--eval-every", type=int, default=300, help="steps between closed-loop validation runs")
+    p.add_argument("--val-episodes", type=int, default=100, help="closed-loop validation episodes (seeds 90000+)")
+    p.add_argument("--heldout-episodes", type=int, default=100,
+                   help="held-out episodes (seeds 100000+) scored once at the end through VLAPolicy (0 = skip)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1: on the shared 2-core machine 2 threads measured slower per step)")
+    p.add_argument("--max-minutes", type=float, default=0.0, help="stop training after this long (0 = no limit)")
+    for f in ModelSize.__dataclass_fields__.values():
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default, help=f"model size: {f.name}")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    size = ModelSize(**{f: getattr(args, f) for f in ModelSize.__dataclass_fields__})
+    tokenizer = word_tokenizer(WORDS)
+    model = build_model(tokenizer, size, args.seed)
+    model.train()
+    actions = ActionTokenizer(vocab_size=model.config.text_config.vocab_size, dims=ACTION_DIM)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model: %.2fM parameters, vocab %d, %d visual tokens", n_params / 1e6,
+             model.config.text_config.vocab_size, size.visual_tokens)
+
+    demos = collect(args.episodes, 0, args.noise, size.image_size, args.seed)
+    log.info("demos: %d states from %d episodes (noisy expert success %.2f)", len(demos.actions), demos.episodes,
+             demos.expert_success)
+    batcher = Batcher(tokenizer, size, demos.instructions, actions)
+    target_ids = torch.tensor([actions.to_ids(a) for a in demos.actions])  # [N, 2]
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
+    rng = np.random.default_rng(args.seed)
+    order, cursor = rng.permutation(len(demos.actions)), 0
+    t0 = time.perf_counter()
+    history, best, best_state, step = [], -1.0, None, 0
+    running_loss = running_acc = running_err = 0.0
+    bar = tqdm(range(args.steps), desc="train", dynamic_ncols=True)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        if cursor + args.batch_size > len(order):
+            order, cursor = rng.permutation(len(demos.actions)), 0
+        rows = order[cursor:cursor + args.batch_size]
+        cursor += args.batch_size
+        ids = target_ids[rows]
+        batch = batcher.inputs(demos.images[rows], [demos.instructions[i] for i in demos.instruction[rows]], ids[:, 0])
+        logits = action_logits(model, batch, actions, ACTION_DIM)  # [B, 2, bins]
+        bins = ids - actions.first_id
+        target = smooth_targets(bins, actions.bins, args.label_sigma)
+        loss = -(target * logits.float().log_softmax(-1)).sum(-1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            pred = logits.argmax(-1)
+            acc = (pred - bins).abs().le(2).float().mean().item()
+            err = ((pred - bins).abs().float().mean() * 2 / actions.bins).item()  # in action units
+        ema = lambda old, new: 0.98 * old + 0.02 * new if step else new  # noqa: E731
+        running_loss, running_acc, running_err = ema(running_loss, loss.item()), ema(running_acc, acc), ema(running_err, err)
+        bar.set_postfix(loss=f"{running_loss:.3f}", within2=f"{running_acc:.2f}", err=f"{running_err:.3f}")
+        last = step == args.steps - 1
+        out_of_time = bool(args.max_minutes) and time.perf_counter() - t0 > args.max_minutes * 60
+        if (step + 1) % args.eval_every == 0 or last or out_of_time:
+            res = closed_loop(model, batcher, actions, args.val_episodes, VAL_SEED, size.image_size)
+            history.append({"step": step + 1, "minutes": round((time.perf_counter() - t0) / 60, 2),
+                            "train_loss": running_loss, "train_within2_bins": running_acc,
+                            "train_abs_error": running_err, "val": res})
+            log.info("step %d loss %.3f within2 %.3f err %.3f | val success %.2f len %.1f", step + 1, running_loss,
+                     running_acc, running_err, res["success_rate"], res["mean_length"])
+            if res["success_rate"] >= best:
+                best = res["success_rate"]
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if out_of_time:
+            log.info("time budget of %.1f min reached at step %d", args.max_minutes, step + 1)
+            break
+    train_minutes = (time.perf_counter() - t0) / 60
+    model.load_state_dict(best_state)
+    model.eval()
+
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    sidecar = {"prompt_template": PROMPT_TEMPLATE, "eos_token": "<eos>",
+               "vla": {"action_dim": ACTION_DIM, "bins": ACTION_BINS, "low": -1.0, "high": 1.0}}
+    (out / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
+    metrics = {
+        "seed": args.seed, "env": PICKCOLOR_ID, "args": vars(args), "model_size": asdict(size),
+        "parameters": n_params, "visual_tokens": size.visual_tokens,
+        "data": {"episodes": demos.episodes, "train_seeds": [0, demos.episodes - 1], "states": len(demos.actions),
+                 "dart_noise_max": args.noise, "noisy_expert_success": demos.expert_success},
+        "steps": step + 1, "train_minutes": round(train_minutes, 2), "threads": args.threads,
+        "torch": torch.__version__, "best_val_success": best, "history": history,
+    }
+    if args.heldout_episodes:
+        held = heldout_success(out, args.heldout_episodes)
+        log.info("held-out success %.2f over %d episodes (VLAPolicy, no pruning)", held["success_rate"],
+                 args.heldout_episodes)
+        metrics["heldout"] = held
+    (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
