@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -139,3 +142,26 @@ def test_known_ids_cover_pickcolor_and_four_libero_suites():
 def test_expert_action_without_an_expert_raises_config_error():
     with pytest.raises(ConfigError):
         expert_action(gym.make("CartPole-v1"))
+
+
+def test_importing_envs_does_not_load_the_simulator():
+    # LIBERO ids are registered by name only; MuJoCo loads when a LIBERO env is made.
+    code = "import sys, envs; assert not {'libero', 'mujoco', 'robosuite'} & set(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_libero_env_rejects_unknown_suite_and_task_before_loading_the_simulator():
+    from envs.libero import LiberoEnv
+
+    with pytest.raises(ConfigError, match="suite"):
+        LiberoEnv(suite="kitchen")
+    with pytest.raises(ConfigError, match="task_id"):
+        LiberoEnv(suite="spatial", task_id=10)
+
+
+@pytest.mark.parametrize("angle", [0.0, 0.3, np.pi / 2, 3.0])
+def test_libero_state_axis_angle_matches_a_rotation_about_z(angle):
+    from envs.libero import quat_to_axis_angle
+
+    quat = np.array([0.0, 0.0, np.sin(angle / 2), np.cos(angle / 2)])  # (x, y, z, w)
+    np.testing.assert_allclose(quat_to_axis_angle(quat), [0.0, 0.0, angle], atol=1e-6)
