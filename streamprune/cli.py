@@ -275,12 +275,14 @@ def bench_accuracy(args: argparse.Namespace) -> int:
     import platform
 
     from streamprune.bench.accuracy import format_table, plot, run_accuracy_bench, write_json
+    from streamprune.config import CONFIG_DIR
     from streamprune.pruning.registry import available
 
     retains = _float_list(args.retain, "--retain")
     registered = available()
-    if args.methods == "all":
-        methods = [m for m, cls in registered.items() if m != "none"]
+    if args.methods == "all":  # every registered method and every pipeline file of another name (e.g. stc)
+        files = sorted(p.stem for p in (CONFIG_DIR / "methods").glob("*.yaml"))
+        methods = [m for m in registered if m != "none"] + [f for f in files if f not in registered]
     else:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         from streamprune.config import method_config
