@@ -136,8 +136,8 @@ def run_batch(args: argparse.Namespace) -> int:
 
     def on_result(record, report) -> None:
         bar.update(1)
-        bar.set_postfix(ok=report.ok, failed=report.failed, skipped=report.skipped,
-                        fps=f"{report.frames_per_s:.1f}", refresh=False)
+        bar.set_postfix({"ok": report.ok, "failed": report.failed, "skipped": report.skipped,
+                         "frames/s": f"{report.frames_per_s:.1f}"}, refresh=False)
 
     try:
         report = run_job(job, on_result)

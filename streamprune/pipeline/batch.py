@@ -352,7 +352,7 @@ class BatchReport:
     frames: int = 0
     wall_s: float = 0.0
     workers_lost: int = 0  # model actors that died (node lost, crash) during the run
-    resubmitted: int = 0  # inputs sent to another actor after theirs died
+    resubmitted: int = 0  # inputs redone after their actor (or their decoded frames) was lost
 
     @property
     def exit_code(self) -> int:
@@ -552,6 +552,7 @@ class _RayExecutor:
         self.answering: dict[Any, tuple[_Slot, _File]] = {}
         self.slots: list[_Slot] = []
         self.start_failures = 0
+        self.any_ready = False
         self.window = max(4, 3 * job.num_workers)
 
     def run(self) -> None:
@@ -627,13 +628,19 @@ class _RayExecutor:
         elif self.run_state.already_done(plan):
             self.run_state.skip()
         else:
-            file = _File(plan=plan, began=began, metas=[None] * len(plan.segments))
-            for i, (start, end) in enumerate(plan.segments):
-                meta_ref, frames_ref = self.decode_task.remote(path, self.job.settings.fps, self.job.max_frames, start, end)
-                file.meta_refs.append(meta_ref)
-                file.frame_refs.append(frames_ref)
-                self.segments[meta_ref] = (file, i)
-            self.decoding.add(id(file))
+            self._decode(_File(plan=plan, began=began))
+
+    def _decode(self, file: _File) -> None:
+        """Submit one decode task per segment of the file (again, if its frames were lost)."""
+        file.metas = [None] * len(file.plan.segments)
+        file.meta_refs, file.frame_refs = [], []
+        for i, (start, end) in enumerate(file.plan.segments):
+            meta_ref, frames_ref = self.decode_task.remote(file.plan.input, self.job.settings.fps,
+                                                           self.job.max_frames, start, end)
+            file.meta_refs.append(meta_ref)
+            file.frame_refs.append(frames_ref)
+            self.segments[meta_ref] = (file, i)
+        self.decoding.add(id(file))
 
     def _on_segment(self, ref: Any) -> None:
         file, i = self.segments.pop(ref)
@@ -656,19 +663,25 @@ class _RayExecutor:
         slot.busy = False
         try:
             result = self.ray.get(ref)
-        except self.ray.exceptions.RayActorError as err:
-            self.run_state.report.workers_lost += 1
+        except (self.ray.exceptions.RayActorError, self.ray.exceptions.ObjectLostError) as err:
+            # the actor died, or the node holding the decoded frames did and Ray could not rebuild them
+            actor_lost = isinstance(err, self.ray.exceptions.RayActorError)
             file.attempts += 1
-            log.warning("model worker %s lost (%s); %s", slot.label, _first_line(err),
-                        "resubmitting its input" if file.attempts < self.job.max_attempts else "giving up on its input")
-            self._replace(slot)
-            if file.attempts < self.job.max_attempts:
-                self.run_state.report.resubmitted += 1
+            log.warning("%s (%s); %s", f"model worker {slot.label} lost" if actor_lost else "decoded frames lost",
+                        _first_line(err), "resubmitting" if file.attempts < self.job.max_attempts else "giving up")
+            if actor_lost:
+                self.run_state.report.workers_lost += 1
+                self._replace(slot)
+            if file.attempts >= self.job.max_attempts:
+                self.run_state.emit(file.plan, file.began, file.metas,
+                                    error=f"lost {file.attempts} times while being answered (last: {_first_line(err)})",
+                                    attempts=file.attempts)
+                return
+            self.run_state.report.resubmitted += 1
+            if actor_lost:
                 self.waiting.appendleft(file)
             else:
-                self.run_state.emit(file.plan, file.began, file.metas,
-                                    error=f"model worker lost {file.attempts} times on this input (last: {_first_line(err)})",
-                                    attempts=file.attempts)
+                self._decode(file)
             return
         except self.ray.exceptions.RayError as err:
             result = {"status": "error", "error": f"model worker failed: {_first_line(err)}"}
@@ -679,13 +692,13 @@ class _RayExecutor:
             slot.label = self.ray.get(slot.starting)
         except self.ray.exceptions.RayError as err:
             self.start_failures += 1
-            if self.start_failures >= self.job.max_attempts * self.job.num_workers and not any(
-                    s.label for s in self.slots):
+            if not self.any_ready and self.start_failures >= self.job.max_attempts * self.job.num_workers:
                 raise ModelError(f"model workers failed to start: {_first_line(err)}") from None
             log.warning("a model worker failed to start (%s); starting another", _first_line(err))
             self._replace(slot)
             return
         slot.starting = None
+        self.any_ready = True
         log.info("model worker ready on %s", slot.label)
 
     def _log_stall(self) -> None:
