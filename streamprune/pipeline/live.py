@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 class LiveConfig:
     """What `streamprune live` runs.
 
-    model: model directory (None: the embedded default).  method/retain: per-frame pruning.
+    model: model directory (None: the embedded default).  method/retain/max_tokens: the budget of
+    each unit's pruning.
     fps: frames sampled per second of stream (None: every frame).  queue_frames: frames waiting
     for the encoder before the oldest is dropped.  batch_frames: frames encoded per call.
     drop_oldest: False makes the reader wait instead (offline replay, tests).
@@ -52,6 +53,7 @@ class LiveConfig:
     model: str | None = None
     method: str = "none"
     retain: float | None = None
+    max_tokens: int | None = None
     fps: float | None = 2.0
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     queue_frames: int = 32
@@ -162,11 +164,11 @@ class DropOldestQueue:
             return len(self._items)
 
 
-def _load(model: str | None, threads: int):
+def _load(model: str | None, threads: int, adapter: Any = None) -> Any:
     from streamprune.cli import load_model
 
     torch.set_num_threads(threads)
-    return load_model(model)
+    return adapter if adapter is not None else load_model(model)
 
 
 class EncodeStage:
@@ -174,12 +176,12 @@ class EncodeStage:
     unit (the per-frame budget is `retain` of one unit's tokens)."""
 
     def __init__(self, model: str | None, method: str = "none", retain: float | None = None,
-                 seed: int = 0, threads: int = 1) -> None:
+                 max_tokens: int | None = None, seed: int = 0, threads: int = 1, adapter: Any = None) -> None:
         from streamprune.pruning.base import PruneContext
         from streamprune.pruning.pipeline import build_pipeline
 
-        self.adapter = _load(model, threads)
-        self.pipeline = build_pipeline(method, retain=retain)
+        self.adapter = _load(model, threads, adapter)
+        self.pipeline = build_pipeline(method, retain=retain, max_tokens=max_tokens)
         if self.pipeline.inner_llm is not None or self.pipeline.encoder_options:
             from streamprune.errors import ConfigError
 
@@ -219,6 +221,9 @@ class EncodeStage:
                                     frame=first.index, timestamp=first.timestamp,
                                     tokens_before_pruning=per_unit))
         return EncodedChunk(units=units, newline=video.always_kept.float(), encode_ms=(time.perf_counter() - start) * 1000)
+
+    def pid(self) -> int:
+        return os.getpid()
 
 
 class _LastQueryAttention:
@@ -266,10 +271,10 @@ class MemoryStage:
     A2SF scores every layer of its own cache, ours is one memory shared by all layers)."""
 
     def __init__(self, model: str | None, memory: MemoryConfig, max_new_tokens: int = 16,
-                 attention_layer: int | None = None, threads: int = 1) -> None:
+                 attention_layer: int | None = None, threads: int = 1, adapter: Any = None) -> None:
         from streamprune.pruning.pipeline import build_pipeline
 
-        self.adapter = _load(model, threads)
+        self.adapter = _load(model, threads, adapter)
         self.none = build_pipeline("none")
         self.max_new_tokens = max_new_tokens
         layers = len(self.adapter.language_model.layers)
@@ -346,11 +351,13 @@ class Stages(Protocol):
 
 
 class LocalStages:
-    """Both stages in this process (`--no-ray`)."""
+    """Both stages in this process (`--no-ray`), sharing one copy of the model."""
 
     def __init__(self, config: LiveConfig) -> None:
-        self.encoder = EncodeStage(config.model, config.method, config.retain, config.seed, config.threads)
-        self.memory = MemoryStage(config.model, config.memory, config.max_new_tokens, threads=config.threads)
+        self.encoder = EncodeStage(config.model, config.method, config.retain, config.max_tokens, config.seed,
+                                   config.threads)
+        self.memory = MemoryStage(config.model, config.memory, config.max_new_tokens, threads=config.threads,
+                                  adapter=self.encoder.adapter)
         self.unit_frames = self.encoder.unit_frames()
 
     def encode_add(self, frames: list[Frame], fps: float) -> dict[str, Any]:
@@ -373,7 +380,8 @@ class RayStages:
         self._ray = ray
         encoder_cls = ray.remote(EncodeStage).options(max_restarts=-1, max_task_retries=task_retries, num_cpus=0)
         memory_cls = ray.remote(MemoryStage).options(max_concurrency=2, num_cpus=0)
-        self.encoder = encoder_cls.remote(config.model, config.method, config.retain, config.seed, config.threads)
+        self.encoder = encoder_cls.remote(config.model, config.method, config.retain, config.max_tokens,
+                                          config.seed, config.threads)
         self.memory = memory_cls.remote(config.model, config.memory, config.max_new_tokens, None, config.threads)
         self.unit_frames = ray.get(self.encoder.unit_frames.remote())
 
@@ -462,6 +470,8 @@ class LiveRunner:
         self._stop.set()
         self.source.close()
         self.queue.close()
+        with self._progress:
+            self._progress.notify_all()
         for t in self._threads:
             t.join(timeout=30)
         self._write_stats()
@@ -479,7 +489,7 @@ class LiveRunner:
         with self._progress:
             while not predicate(self.stats):
                 left = deadline - time.monotonic()
-                if left <= 0 or self.error is not None or self.worker_done.is_set():
+                if left <= 0 or self.error is not None or self.worker_done.is_set() or self._stop.is_set():
                     return predicate(self.stats)
                 self._progress.wait(min(left, 0.5))
         return True
@@ -505,6 +515,8 @@ class LiveRunner:
         limit = self.config.max_frames
         try:
             for frame in self.source:
+                if limit is not None and self.stats.frames_in >= limit:
+                    break
                 self.stats.frames_in += 1
                 if fps is not None:
                     if due is not None and frame.timestamp + 1e-6 < due:
@@ -512,8 +524,6 @@ class LiveRunner:
                     due = max((due or frame.timestamp) + 1.0 / fps, frame.timestamp)
                 self.stats.frames_sampled += 1
                 if not self.queue.put((frame, time.monotonic())):
-                    break
-                if limit is not None and self.stats.frames_in >= limit:
                     break
         finally:
             self.source_done.set()
