@@ -124,6 +124,14 @@ def test_usage_errors_exit_2_before_any_work(mixed_folder, tmp_path, tiny_model_
     assert not (tmp_path / "o.jsonl").exists() or (tmp_path / "o.jsonl").read_text() == ""
 
 
+def test_cli_batch_exits_2_with_one_line_when_nothing_matches(tmp_path, capsys):
+    from streamprune.cli import main
+
+    code = main(["batch", str(tmp_path / "*.mp4"), "-q", QUESTION, "-o", str(tmp_path / "o.jsonl"), "--no-ray"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "no video inputs matched" in err
+
+
 def test_mixed_batch_on_ray_writes_one_line_per_input_and_resumes_without_reprocessing(
         mixed_folder, tmp_path, tiny_model_dirs, local_ray, capsys):
     root, good = mixed_folder
@@ -162,6 +170,21 @@ def test_mixed_batch_on_ray_writes_one_line_per_input_and_resumes_without_reproc
     one = sorted(good)[0]
     assert run_batch(parse([one, *argv[1:], "--overwrite", "--no-ray"])) == 0
     assert [r["input"] for r in lines(out)] == [one]
+
+
+def test_changed_input_is_redone_and_keeps_a_single_line(make_video, tmp_path, tiny_model_dirs, capsys):
+    a, b = make_video(frames=8, fps=8.0, name="a"), make_video(frames=8, fps=8.0, name="b")
+    out = tmp_path / "r.jsonl"
+    argv = [str(a), str(b), "-q", QUESTION, "-o", str(out), "--no-ray", "--max-new-tokens", "2",
+            "--model", str(tiny_model_dirs["llava_onevision"])]
+    assert run_batch(parse(argv)) == 0
+    before = {r["input"]: r for r in lines(out)}
+    make_video(frames=10, fps=8.0, name="b")  # same path, new content
+    assert run_batch(parse(argv)) == 0
+    after = {r["input"]: r for r in lines(out)}
+    assert len(lines(out)) == 2 and after[str(a.resolve())] == before[str(a.resolve())]
+    assert after[str(b.resolve())]["sha256"] == hashlib.sha256(b.read_bytes()).hexdigest() != before[str(b.resolve())]["sha256"]
+    assert "1 ok, 0 failed, 1 skipped of 2" in capsys.readouterr().err
 
 
 def _noise_clips(directory: Path, count: int) -> list[Path]:
@@ -220,7 +243,6 @@ def cluster(ray_instance):
         "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
                            "health_check_failure_threshold": 3}})
     model_node = cluster.add_node(num_cpus=1, resources={"batch_model": 2})
-    ray_instance.init(address=cluster.address, log_to_driver=False)
     cluster.wait_for_nodes()
     yield cluster, model_node
     ray_instance.shutdown()
@@ -229,12 +251,14 @@ def cluster(ray_instance):
 
 def test_losing_the_model_node_mid_batch_resubmits_its_inputs_and_writes_each_once(
         make_video, tmp_path, tiny_model_dirs, cluster):
+    import ray
+
     cluster, model_node = cluster
     clips = [make_video(frames=8, fps=8.0, gop=4, name=f"c{i:02d}") for i in range(24)]
     out = tmp_path / "results.jsonl"
     job = build_job(parse([*map(str, clips), "-q", QUESTION, "-o", str(out), "--model",
                            str(tiny_model_dirs["llava_onevision"]), "--max-frames", "4", "--max-new-tokens", "8",
-                           "--num-workers", "2", "--actor-resource", "batch_model=1"]))
+                           "--ray-address", cluster.address, "--num-workers", "2", "--actor-resource", "batch_model=1"]))
     outcome: dict = {}
 
     def batch() -> None:
@@ -255,6 +279,7 @@ def test_losing_the_model_node_mid_batch_resubmits_its_inputs_and_writes_each_on
     cluster.add_node(num_cpus=1, resources={"batch_model": 1})  # a replacement joins
     thread.join(timeout=180)
     assert not thread.is_alive(), "batch did not finish after the node was lost"
+    assert not ray.is_initialized()  # the job disconnects from the cluster it connected to
     assert "error" not in outcome, outcome.get("error")
     report = outcome["report"]
     records = lines(out)
