@@ -28,7 +28,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +123,10 @@ def plan_input(path: str, segment_seconds: float) -> Plan:
     except InputError as err:
         plan.error = str(err)
         return plan
+    except Exception as err:  # noqa: BLE001 - a demuxer failure on one file becomes that input's error line
+        log.exception("probing %s failed", path)
+        plan.error = f"probing failed: {type(err).__name__}: {_first_line(err)}"
+        return plan
     plan.timings_ms["probe_ms"] = round((time.perf_counter() - hashed) * 1000, 3)
     plan.duration_s = info.duration
     plan.segments = split_segments(info.duration, segment_seconds)
@@ -152,6 +156,10 @@ def decode_segment(path: str, fps: float, max_frames: int | None, start: float |
         frames = decode_frames(path, fps=fps, max_frames=max_frames, start=start, end=end)
     except InputError as err:
         return SegmentMeta([], round((time.perf_counter() - began) * 1000, 3), str(err)), _no_frames()
+    except Exception as err:  # noqa: BLE001 - a decoder failure on one file becomes that input's error line
+        log.exception("decoding %s [%s, %s) failed", path, start, end)
+        reason = f"decoding failed: {type(err).__name__}: {_first_line(err)}"
+        return SegmentMeta([], round((time.perf_counter() - began) * 1000, 3), reason), _no_frames()
     images = np.stack([f.image for f in frames]) if frames else _no_frames()
     return SegmentMeta([f.index for f in frames], round((time.perf_counter() - began) * 1000, 3)), images
 
@@ -409,12 +417,7 @@ class _Run:
         return {r["input"]: r.get("sha256") for r in keep if r.get("status") == "ok"}
 
     def already_done(self, plan: Plan) -> bool:
-        previous = self.done.get(plan.input, "")
-        if previous == plan.sha256:
-            return True
-        if previous:
-            self.reprocessed.add(plan.input)  # content changed: its old ok line is superseded
-        return False
+        return plan.input in self.done and self.done[plan.input] == plan.sha256
 
     def skip(self) -> None:
         self.report.skipped += 1
@@ -424,6 +427,8 @@ class _Run:
              result: dict[str, Any] | None = None, error: str | None = None, attempts: int = 0) -> None:
         record = self.record(plan, began, metas, result, error, attempts)
         self.results.append(record)
+        if plan.input in self.done:  # its content changed since its ok line, which is now superseded
+            self.reprocessed.add(plan.input)
         if record["status"] == "ok":
             self.report.ok += 1
             self.report.frames += record["frames"]
