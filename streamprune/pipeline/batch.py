@@ -512,7 +512,7 @@ def _run_in_process(job: BatchJob, run: _Run) -> None:
 
 
 # -- Ray executor -------------------------------------------------------------------------------------
-@dataclass
+@dataclass(eq=False)
 class _File:
     """An input between its plan and its result line."""
 
@@ -524,7 +524,7 @@ class _File:
     attempts: int = 0
 
 
-@dataclass
+@dataclass(eq=False)
 class _Slot:
     """One model actor of the pool. It takes a clip only when `ready` (model loaded) and idle."""
 
@@ -546,8 +546,8 @@ class _RayExecutor:
         self.decode_task = ray.remote(decode_segment).options(num_returns=2)
         # Own resubmission instead of Ray's restarts: a restarted actor may wait forever for a node
         # with its resources, holding the input hostage; a fresh actor is only used once ready.
-        # No num_cpus: Ray then reserves a CPU to place the actor but none while it runs, so
-        # decode tasks are never starved by idle model actors.
+        # No num_cpus by default: an actor then holds no CPU while it runs, so model actors never
+        # starve the decode tasks of CPU slots (--actor-resource CPU=N changes that).
         self.worker_cls = ray.remote(ModelWorker).options(max_restarts=0, max_task_retries=0, **job.actor_options)
         self.queue: deque[str] = deque(job.inputs)
         self.plans: dict[Any, tuple[str, float]] = {}
