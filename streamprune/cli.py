@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     rob.add_argument("--json", metavar="FILE", help="write the rows as JSON")
 
     from pipelines.batch_video import add_batch_arguments
+    from pipelines.live_qa import add_live_arguments, add_publish_arguments
     from pipelines.robot_loop import add_robot_arguments, add_serve_arguments
     from streamprune.viz import add_viz_arguments
 
@@ -120,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Answer observation -> action requests (msgpack header + raw image buffer) "
                                        "from robot clients in robots/.")
     add_serve_arguments(serve)
+    live = sub.add_parser("live", epilog=EPILOG, help="answer questions about a live stream (stdin questions)",
+                          description="Stream frames from a camera, URL, file or zmq publisher through the pruning "
+                                      "pipeline into a bounded visual memory; answer each stdin line as a question "
+                                      "about the recent stream.")
+    add_live_arguments(live)
+    publish = sub.add_parser("publish", epilog=EPILOG, help="publish a camera or file as a zmq frame stream",
+                             description="Turn a source into a zmq publisher (msgpack header + raw RGB buffer) "
+                                         "for a remote `streamprune live --source zmq://...`.")
+    add_publish_arguments(publish)
     return parser
 
 
@@ -316,6 +326,8 @@ COMMANDS = {
     "batch": _lazy("pipelines.batch_video", "run_batch"),
     "robot": _lazy("pipelines.robot_loop", "run_robot"),
     "serve-policy": _lazy("pipelines.robot_loop", "run_serve"),
+    "live": _lazy("pipelines.live_qa", "run_live"),
+    "publish": _lazy("pipelines.live_qa", "run_publish"),
 }
 
 
