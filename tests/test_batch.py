@@ -231,13 +231,14 @@ def test_answers_identical_in_process_or_on_ray_with_any_worker_count_and_segmen
 
 
 @pytest.fixture
-def cluster(ray_instance):
+def cluster():
     """A Ray cluster on this machine: a head with CPU only (decoding) and one node with room for two
     model actors (custom resource `batch_model`), so the whole model pool lands on that node; node
     failures are detected within ~1.5 s."""
+    ray = pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
 
-    ray_instance.shutdown()  # one driver connection per process: leave the module's local instance
+    ray.shutdown()  # one driver connection per process: leave the module's local instance, if any
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1,
         "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
@@ -245,7 +246,7 @@ def cluster(ray_instance):
     model_node = cluster.add_node(num_cpus=1, resources={"batch_model": 2})
     cluster.wait_for_nodes()
     yield cluster, model_node
-    ray_instance.shutdown()
+    ray.shutdown()
     cluster.shutdown()
 
 
