@@ -41,6 +41,8 @@ def add_live_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", type=positive(int), default=8, metavar="FRAMES",
                         help="newest frames kept at full (per-frame pruned) detail (default 8)")
     parser.add_argument("--no-ray", action="store_true", help="run the stages as threads in this process")
+    parser.add_argument("--ray-address", metavar="auto|HOST:PORT", default=None,
+                        help="Ray cluster to run the stage actors on; default: start a local Ray instance")
     parser.add_argument("--stats-json", metavar="FILE", help="append a JSON stats line every --stats-interval s")
     parser.add_argument("--stats-interval", type=positive(float), default=1.0, metavar="S")
     parser.add_argument("--loop", action="store_true", help="repeat a file or synthetic source")
@@ -97,7 +99,8 @@ def run_live(args: argparse.Namespace) -> int:
         import ray
 
         if not ray.is_initialized():
-            ray.init(include_dashboard=False, log_to_driver=getattr(args, "verbose", False))
+            address = args.ray_address or "local"
+            ray.init(address=address, include_dashboard=False, log_to_driver=getattr(args, "verbose", False))
         stages = RayStages(config)
     runner = LiveRunner(source, stages, config, args.stats_json).start()
     answers: list[Future] = []

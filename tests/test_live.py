@@ -1,0 +1,252 @@
+"""Live QA pipeline: bounded memory over a long stream, questions during the stream, scene cuts,
+drop-oldest backpressure, a Ray encoder restart, a zmq source with hostile messages."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import re
+import threading
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+import zmq
+
+from streamprune.memory import MemoryConfig
+from streamprune.pipeline.live import DropOldestQueue, LiveConfig, LiveRunner, LocalStages
+from streamprune.sources import open_source
+from streamprune.transport.wire import encode
+
+log = logging.getLogger(__name__)
+TOKENS_PER_FRAME = 16  # tiny LLaVA-OV: 32 px, patch 4 -> 8x8 -> pooled 4x4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def llava_stages(tiny_model_dirs):
+    """In-process stages on the tiny LLaVA-OV (method none), memory reset per test by `fresh`."""
+    config = LiveConfig(model=str(tiny_model_dirs["llava_onevision"]))
+    return LocalStages(config)
+
+
+def fresh(stages: LocalStages, memory: MemoryConfig) -> LocalStages:
+    from streamprune.memory import StreamingMemory
+
+    stages.memory.memory = StreamingMemory(memory, stages.memory.memory.dim)
+    stages.memory.frames = 0
+    return stages
+
+
+def test_drop_oldest_queue_drops_the_oldest_and_counts():
+    q = DropOldestQueue(3)
+    for i in range(7):
+        q.put(i)
+    assert q.take_dropped() == 4 and q.take_dropped() == 0
+    assert q.get_batch(10, timeout=0) == [4, 5, 6]
+    q.close()
+    assert not q.put(8) and q.get_batch(10, timeout=0) == []
+
+
+def test_memory_stays_within_budget_and_rss_flat_over_10000_frames(llava_stages, tmp_path):
+    budget = 256
+    config = LiveConfig(fps=None, memory=MemoryConfig(kv_budget=budget, recent_frames=8), batch_frames=64,
+                        queue_frames=128, drop_oldest=False, stats_interval=0.05, max_frames=10_000)
+    stages = fresh(llava_stages, config.memory)
+    stats_file = tmp_path / "stats.jsonl"
+    source = open_source("synthetic:width=32,height=32,scene_every=250,seed=3", realtime=False)
+    runner = LiveRunner(source, stages, config, stats_file).start()
+    try:
+        assert runner.wait_stream_end(timeout=120)
+    finally:
+        runner.stop()
+    assert runner.error is None
+    samples = [json.loads(line) for line in stats_file.read_text().splitlines()]
+    assert len(samples) > 10
+    assert all(s["tokens"] <= budget and s["tokens_max"] <= budget for s in samples)
+    last = samples[-1]
+    assert last["frames_processed"] == 10_000 and last["frames_dropped"] == 0
+    assert last["kv_cache_bytes"] == (last["tokens"] + 1) * 3 * 2 * 2 * 16 * 4  # 3 layers, 2 kv heads, dim 16, fp32
+    after_warmup = next(s for s in samples if s["frames_processed"] >= 1000)
+    growth = last["rss_bytes"] / after_warmup["rss_bytes"] - 1
+    elapsed = last["time"] - samples[0]["time"]
+    log.warning("10k frames: %.0f frames/s, RSS %.1f MB -> %.1f MB (%+.2f%%), merged %d, evicted %d",
+                10_000 / elapsed, after_warmup["rss_bytes"] / 2**20, last["rss_bytes"] / 2**20, 100 * growth,
+                last["merged"], last["evicted"])
+    assert growth < 0.05
+
+
+def test_questions_are_answered_about_the_recent_stream_while_frames_arrive(llava_stages):
+    window = 8
+    config = LiveConfig(fps=None, memory=MemoryConfig(kv_budget=256, recent_frames=window), batch_frames=4,
+                        max_new_tokens=2)
+    stages = fresh(llava_stages, config.memory)
+    source = open_source("synthetic:width=32,height=32,fps=40", realtime=True)
+    runner = LiveRunner(source, stages, config).start()
+    answers, errors = [], []
+
+    def ask_questions() -> None:
+        try:
+            for i in range(3):
+                runner.wait_for(lambda s, n=(i + 1) * 20: s.frames_processed >= n, timeout=30)
+                asked_at = runner.stats.stream_time
+                answers.append((asked_at, runner.ask("what moves ?"), runner.stats.stream_time))
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    asker = threading.Thread(target=ask_questions)
+    asker.start()
+    asker.join(timeout=90)
+    runner.stop()
+    assert not errors and len(answers) == 3
+    frame_time = 1 / 40
+    for asked_at, answer, after in answers:
+        assert asked_at - window * frame_time <= answer.stream_time <= after
+        assert answer.memory_start <= answer.stream_time and answer.visual_tokens > 0
+    assert answers[0][1].stream_time < answers[1][1].stream_time < answers[2][1].stream_time
+
+
+def test_after_a_scene_cut_the_new_scene_is_held_at_full_detail(llava_stages):
+    cut, window = 60, 8
+    config = LiveConfig(fps=None, memory=MemoryConfig(kv_budget=320, recent_frames=window), batch_frames=8,
+                        drop_oldest=False, max_frames=cut + window)
+    stages = fresh(llava_stages, config.memory)
+    source = open_source(f"synthetic:width=32,height=32,scene_every={cut},seed=5", realtime=False)
+    runner = LiveRunner(source, stages, config).start()
+    try:
+        assert runner.wait_stream_end(timeout=60)
+    finally:
+        runner.stop()
+    per_frame = stages.memory.tokens_per_frame()
+    assert all(per_frame[f] == TOKENS_PER_FRAME for f in range(cut, cut + window))
+    old = sum(n for f, n in per_frame.items() if f < cut)
+    assert old < cut * TOKENS_PER_FRAME and stages.memory.memory.merged > 0  # the old scene was compressed
+    covered = stages.memory.frames_covered()
+    assert not ((covered[:, 0] < cut) & (covered[:, 1] >= cut)).any()  # nothing merged across the cut
+
+
+def test_oldest_frames_are_dropped_when_the_model_falls_behind(llava_stages):
+    config = LiveConfig(fps=None, memory=MemoryConfig(kv_budget=256, recent_frames=8), batch_frames=2,
+                        queue_frames=4, max_frames=400)
+    stages = fresh(llava_stages, config.memory)
+    source = open_source("synthetic:width=32,height=32", realtime=False)  # far faster than the encoder
+    runner = LiveRunner(source, stages, config).start()
+    try:
+        assert runner.wait_stream_end(timeout=60)
+    finally:
+        runner.stop()
+    s = runner.stats
+    assert s.frames_dropped > 0
+    assert s.frames_processed + s.frames_dropped == s.frames_sampled == 400
+    assert s.stream_time == pytest.approx(399 / 30)  # the newest frame always survives
+
+
+def test_live_job_prints_each_answer_with_its_stream_time(tiny_model_dirs, monkeypatch, capsys, tmp_path):
+    from pipelines.live_qa import add_live_arguments, run_live
+
+    parser = argparse.ArgumentParser()
+    add_live_arguments(parser)
+    args = parser.parse_args(["--source", "synthetic:width=32,height=32,fps=30", "--no-ray", "--fps", "10",
+                              "--model", str(tiny_model_dirs["qwen2_5_vl"]), "--kv-budget", "64",
+                              "--max-frames", "45", "--max-new-tokens", "3",
+                              "--stats-json", str(tmp_path / "s.jsonl")])
+    monkeypatch.setattr("sys.stdin", io.StringIO("what moves ?\n@1.0 what colour is the object ?\n"))
+    assert run_live(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    times = [float(re.match(r"\[t=([0-9.]+)s\] ", line).group(1)) for line in lines]
+    assert len(times) == 2 and times[1] >= 1.0
+    last = json.loads((tmp_path / "s.jsonl").read_text().splitlines()[-1])
+    assert last["frames_in"] == 45 and last["tokens"] <= 64
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_ray_encoder_killed_mid_stream_restarts_and_keeps_answering(ray_cluster, tiny_model_dirs):
+    from streamprune.pipeline.live import RayStages
+
+    config = LiveConfig(model=str(tiny_model_dirs["llava_onevision"]), fps=None, batch_frames=4,
+                        memory=MemoryConfig(kv_budget=256, recent_frames=8), max_new_tokens=2)
+    stages = RayStages(config)
+    source = open_source("synthetic:width=32,height=32,fps=30", realtime=True)
+    runner = LiveRunner(source, stages, config).start()
+    try:
+        assert runner.wait_for(lambda s: s.frames_processed >= 20, timeout=120)
+        first = runner.ask("what moves ?")
+        pid = ray_cluster.get(stages.encoder.pid.remote())
+        ray_cluster.kill(stages.encoder, no_restart=False)
+        processed = runner.stats.frames_processed
+        assert runner.wait_for(lambda s: s.frames_processed >= processed + 40, timeout=120)
+        second = runner.ask("what moves ?")
+        assert ray_cluster.get(stages.encoder.pid.remote()) != pid  # a new encoder process
+    finally:
+        runner.stop()
+        stages.close()
+    assert runner.error is None
+    assert second.stream_time > first.stream_time + 1.0
+    log.warning("ray restart: %d frames processed, %d dropped, %d failed batches", runner.stats.frames_processed,
+                runner.stats.frames_dropped, runner.stats.stage_failures)
+
+
+def test_zmq_source_feeds_the_runtime_and_hostile_messages_are_dropped(llava_stages, tmp_path):
+    ctx = zmq.Context.instance()
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+    huge = msgpack.packb({"v": 1, "kind": "frame", "shape": [100_000, 33_334, 3], "dtype": "uint8",
+                          "ts": 0.0, "seq": 0})  # claims 10 GB
+    sent = {"frames": 0, "bad": 0}
+
+    def publish() -> None:
+        rng = np.random.default_rng(0)
+        seq = 0
+        while not stop.is_set():
+            image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            pub.send_multipart(encode(image, ts=seq / 30, seq=seq))
+            seq += 1
+            sent["frames"] += 1
+            pub.send_multipart([b"\xc1garbage", b"\x00" * 10])
+            pub.send_multipart(encode(image.astype(np.float32), ts=seq / 30, seq=seq))
+            pub.send_multipart([huge, b"\x00" * 16])
+            sent["bad"] += 3
+            stop.wait(1 / 30)  # pacing of a 30 fps camera
+
+    sender = threading.Thread(target=publish, daemon=True)
+    sender.start()
+    config = LiveConfig(fps=None, memory=MemoryConfig(kv_budget=256, recent_frames=8), batch_frames=4,
+                        max_new_tokens=2, stats_interval=0.1)
+    stages = fresh(llava_stages, config.memory)
+    source = open_source(f"zmq://127.0.0.1:{port}")
+    runner = LiveRunner(source, stages, config, tmp_path / "stats.jsonl").start()
+    try:
+        assert runner.wait_for(lambda s: s.frames_processed >= 30 and source.stats.malformed >= 30, timeout=60)
+        answer = runner.ask("what moves ?")
+    finally:
+        runner.stop()
+        stop.set()
+        sender.join(timeout=5)
+        pub.close()
+    assert runner.error is None and answer.visual_tokens > 0
+    last = json.loads((tmp_path / "stats.jsonl").read_text().splitlines()[-1])
+    assert last["source_malformed"] >= 30 and last["frames_processed"] >= 30
+    log.warning("zmq: sent %d frames + %d bad messages; processed %d, malformed %d, seq gaps %d, queue drops %d",
+                sent["frames"], sent["bad"], last["frames_processed"], last["source_malformed"],
+                last["source_dropped"], last["frames_dropped"])
