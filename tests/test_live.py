@@ -58,6 +58,36 @@ def test_drop_oldest_queue_drops_the_oldest_and_counts():
     assert not q.put(8) and q.get_batch(10, timeout=0) == []
 
 
+def test_question_attention_credited_to_memory_is_the_eager_last_query_row(tiny_model_dirs):
+    from streamprune.models import load_adapter
+    from streamprune.models.base import EncodedVideo
+    from streamprune.pipeline.live import EncodeStage, MemoryStage
+    from streamprune.types import Frame, VisualTokens
+    from tests.tiny import random_clip
+
+    adapter = load_adapter(tiny_model_dirs["llava_onevision"], "eager")
+    encoder = EncodeStage(None, adapter=adapter)
+    stage = MemoryStage(None, MemoryConfig(kv_budget=128, recent_frames=2), max_new_tokens=1, adapter=adapter)
+    frames = [Frame(image=img, timestamp=i / 10, index=i) for i, img in enumerate(random_clip(4, 32, 32))]
+    stage.add(encoder.process(frames, 10.0), 10.0)
+    before = stage.memory.scores().clone()
+    snap = stage.memory.snapshot()
+    stage.ask("what moves ?")
+    credited = stage.memory.scores() - before
+
+    question = "what moves ?"
+    m = len(snap)
+    tokens = VisualTokens(snap.features, VisualTokens.grid_positions(1, 1, m), (1, 1, m))
+    video = EncodedVideo(tokens, snap.newline, 10.0)
+    layout = adapter.layout(video, adapter.prompt_ids(question))
+    with torch.inference_mode():
+        out = adapter.language_model(inputs_embeds=layout.embeds[None], position_ids=layout.positions,
+                                     output_attentions=True)
+    row = out.attentions[stage.attention_layer][0, :, -1, layout.visual_slots].mean(0).double()
+    assert torch.allclose(credited, row / row.sum(), atol=1e-6)
+    assert credited.std() > 0  # not a uniform credit
+
+
 def test_memory_stays_within_budget_and_rss_flat_over_10000_frames(llava_stages, tmp_path):
     budget = 256
     config = LiveConfig(fps=None, memory=MemoryConfig(kv_budget=budget, recent_frames=8), batch_frames=64,
@@ -149,6 +179,8 @@ def test_oldest_frames_are_dropped_when_the_model_falls_behind(llava_stages):
     assert s.frames_dropped > 0
     assert s.frames_processed + s.frames_dropped == s.frames_sampled == 400
     assert s.stream_time == pytest.approx(399 / 30)  # the newest frame always survives
+    log.warning("backpressure: %d frames offered, %d processed, %d dropped", s.frames_sampled, s.frames_processed,
+                s.frames_dropped)
 
 
 def test_live_job_prints_each_answer_with_its_stream_time(tiny_model_dirs, monkeypatch, capsys, tmp_path):

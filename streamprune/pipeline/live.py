@@ -220,7 +220,8 @@ class EncodeStage:
             units.append(MemoryUnit(features=kept.features.float().contiguous(), hw=kept.thw[:, 1:].clone(),
                                     frame=first.index, timestamp=first.timestamp,
                                     tokens_before_pruning=per_unit))
-        return EncodedChunk(units=units, newline=video.always_kept.float(), encode_ms=(time.perf_counter() - start) * 1000)
+        encode_ms = (time.perf_counter() - start) * 1000
+        return EncodedChunk(units=units, newline=video.always_kept.float(), encode_ms=encode_ms)
 
     def pid(self) -> int:
         return os.getpid()
