@@ -8,22 +8,24 @@ the per-frame budget by the configured method. When the store is over budget:
 
 1. The last `recent_frames` units stay untouched, at the detail the per-frame method gave them.
 2. Older units are compressed: FastVID's DySeg (`streamprune.pruning.fastvid.dyseg`, c=1, i.e.
-   pure threshold cuts) splits them into runs of similar frames by the cosine of consecutive
-   frame-mean features; inside a run, tokens at the same (h, w) whose cosine to the run's earliest
-   token there exceeds HoliTom's tau are averaged into it (HoliTom's static-token averaging,
-   weighted by how many tokens each already holds). HoliTom calls a position static when every
-   consecutive pair is similar; here each token is compared with the anchor, which lets the
-   merge proceed incrementally as frames leave the recent window.
+   pure threshold cuts, tau 0.9) splits them into runs of similar frames by the cosine of
+   consecutive frame-mean features; inside a run, tokens at the same (h, w) whose cosine to the
+   run's earliest token there exceeds HoliTom's tau (0.8) are averaged into it (HoliTom's static
+   averaging, weighted by how many tokens each already holds; the merged score is the sum of
+   theirs, the attention they drew). HoliTom calls a position static when every consecutive pair
+   is similar; comparing each token with the anchor instead lets the merge go on incrementally
+   as frames leave the recent window. A scene cut is a DySeg cut, so nothing merges across it.
 3. If still over budget, A2SF's rule evicts (Jo & Shin, "A2SF: Accumulative Attention Scoring
-   with Forgetting Factor for Token Pruning in Transformer Decoder", arXiv 2407.20485): each
-   token's score is its accumulated attention with a forgetting factor alpha (paper/README
-   default 0.95), score <- alpha * score + new attention, and the lowest scores go first
-   (ties: oldest first). The attention comes from question prefill: the last prompt token's
-   head-averaged attention to the memory's visual tokens at one decoder layer, renormalised over
-   them. A2SF forgets per query step; here one step is one arriving unit, and a token never
-   attended holds a recency prior: it enters with 1/kv_budget (the share a uniform attention would
-   give it), which then decays like any score. A2SF also protects the newest tokens (its
-   `recent_budget`); here that is the recent window.
+   with Forgetting Factor for Token Pruning in Transformer Decoder", arXiv 2407.20485): a token's
+   score is its attention accumulated with a forgetting factor alpha (README default 0.95),
+   score <- alpha * score + new attention, and the lowest scores go first (ties: oldest first).
+   A2SF sums every prefill query's attention per KV head and layer; here the attention is that
+   of a question's LAST prompt token, head-averaged, at one decoder layer (the cheap SnapKV-style
+   approximation), renormalised over the memory's visual tokens, since one memory serves all
+   layers. A2SF forgets per query step; here one step is one arriving unit, and a token never
+   attended holds a recency prior: it enters with 1/kv_budget (the share uniform attention would
+   give it), which then decays like any score. A2SF's protected `recent_budget` (16 tokens) is
+   the recent window here.
 
 The "KV cache" is NOT kept incrementally: each question re-prefills the LLM from this bounded
 visual memory (plus the prompt), so the bound on visual tokens is a bound on the KV cache built
@@ -32,7 +34,6 @@ for each answer, and the prefill cost per question is O(kv_budget).
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -42,8 +43,6 @@ import torch.nn.functional as F
 
 from streamprune.errors import ConfigError
 from streamprune.pruning.fastvid import dyseg
-
-log = logging.getLogger(__name__)
 
 _RENORMALISE_BELOW = 1e-150  # lazy-decay scale at which stored scores are folded back
 

@@ -519,10 +519,12 @@ class LiveRunner:
                 if limit is not None and self.stats.frames_in >= limit:
                     break
                 self.stats.frames_in += 1
-                if fps is not None:
+                if fps is not None:  # keep a frame per 1/fps of stream time; after a gap restart the grid
                     if due is not None and frame.timestamp + 1e-6 < due:
                         continue
-                    due = max((due or frame.timestamp) + 1.0 / fps, frame.timestamp)
+                    due = (frame.timestamp if due is None else due) + 1.0 / fps
+                    if due <= frame.timestamp:
+                        due = frame.timestamp + 1.0 / fps
                 self.stats.frames_sampled += 1
                 if not self.queue.put((frame, time.monotonic())):
                     break
