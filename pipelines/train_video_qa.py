@@ -163,16 +163,16 @@ def evaluate(model, items: list[qa.QAItem], tokenizer, size: ModelSize, batch_si
     return {"accuracy": overall, "per_type": per_type, "n": sum(map(len, hits.values()))}
 
 
-def train_batches(batch_size: int, seed: int, start_clip: int = 0):
-    """Endless stream of (rows, clips used so far): consecutive train clips, each with all its
-    questions in a random order."""
+def train_batches(batch_size: int, per_row: int, seed: int, num_frames: int, start_clip: int = 0):
+    """Endless stream of (rows, clips used so far): consecutive train clips, each with up to
+    `per_row` of its questions in a random order."""
     rng = np.random.default_rng(seed)
     index = start_clip
     while True:
         rows = []
         for _ in range(batch_size):
-            clip = qa.generate_clip(qa.clip_seed("train", index))
-            order = rng.permutation(len(clip.questions))
+            clip = qa.generate_clip(qa.clip_seed("train", index), num_frames)
+            order = rng.permutation(len(clip.questions))[:per_row]
             rows.append((clip.frames, [clip.questions[i][1:] for i in order]))
             index += 1
         yield rows, index
@@ -188,14 +188,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="directory to write the checkpoint, tokenizer and metrics to")
     p.add_argument("--seed", type=int, default=0, help="model init and question sampling seed")
+    p.add_argument("--num-frames", type=int, default=qa.NUM_FRAMES, help="frames per clip (the model's video length)")
     p.add_argument("--steps", type=int, default=3000, help="optimizer steps (cosine schedule over these)")
     p.add_argument("--batch-size", type=int, default=16, help="clips per step (each with all its questions)")
+    p.add_argument("--questions-per-row", type=int, default=8,
+                   help="questions packed after each training clip (one pass over the video supervises all)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
     p.add_argument("--warmup", type=int, default=150, help="linear warm-up steps")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--eval-every", type=int, default=250, help="steps between validation runs")
-    p.add_argument("--val-clips", type=int, default=120, help="validation clips (all their questions)")
-    p.add_argument("--test-clips", type=int, default=500, help="test clips scored once at the end")
+    p.add_argument("--val-clips", type=int, default=150, help="validation clips (2 random questions each)")
+    p.add_argument("--test-clips", type=int, default=400, help="test clips (2 random questions each), scored at the end")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1 wastes least on a shared, oversubscribed CPU)")
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop training after this long (0 = no limit)")
@@ -217,14 +220,14 @@ def main(argv: list[str] | None = None) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2fM parameters, vocab %d", n_params / 1e6, len(tokenizer))
 
-    val = qa.make_items("val", args.val_clips)
+    val = qa.make_items("val", args.val_clips, per_clip=2, num_frames=args.num_frames)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
     t0 = time.perf_counter()
     history, best, best_state, clips_seen = [], -1.0, None, 0
-    stream = train_batches(args.batch_size, args.seed)
+    stream = train_batches(args.batch_size, args.questions_per_row, args.seed, args.num_frames)
     bar = tqdm(range(args.steps), desc="train", dynamic_ncols=True)
     running_loss, running_acc, step = 0.0, 0.0, 0
     for step in bar:
@@ -259,15 +262,15 @@ def main(argv: list[str] | None = None) -> dict:
     model.load_state_dict(best_state)
     model.eval()
     val_res = evaluate(model, val, tokenizer, size, 2 * args.batch_size)
-    test_res = evaluate(model, qa.make_items("test", args.test_clips), tokenizer, size, 2 * args.batch_size)
-    train_res = evaluate(model, qa.make_items("train", args.val_clips), tokenizer, size, 2 * args.batch_size)
+    test_res = evaluate(model, qa.make_items("test", args.test_clips, per_clip=2, num_frames=args.num_frames), tokenizer, size, 2 * args.batch_size)
+    train_res = evaluate(model, qa.make_items("train", args.val_clips, per_clip=2, num_frames=args.num_frames), tokenizer, size, 2 * args.batch_size)
     log.info("final: train %.3f val %.3f test %.3f %s", train_res["accuracy"], val_res["accuracy"],
              test_res["accuracy"], test_res["per_type"])
 
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     (out / SIDECAR).write_text(json.dumps({"prompt_template": PROMPT_TEMPLATE, "eos_token": "<eos>",
-                                           "num_frames": qa.NUM_FRAMES}, indent=2) + "\n")
+                                           "num_frames": args.num_frames}, indent=2) + "\n")
     metrics = {
         "seed": args.seed, "data_version": qa.DATA_VERSION, "data_splits": qa.SPLITS,
         "args": vars(args), "model_size": asdict(size), "parameters": n_params,

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 
 from streamprune.data.synthetic_qa import (
-    ANSWERS, NUM_FRAMES, PALETTE, SIZE, SPLITS, VOCAB, QAItem, clip_seed, generate_clip, make_items, write_video,
+    ANSWERS, NUM_FRAMES, PALETTE, QUESTION_TYPES, SIZE, SPLITS, VOCAB, QAItem, clip_seed, generate_clip, make_items, write_video,
 )
 from streamprune.errors import ConfigError
 
@@ -33,12 +34,14 @@ def _blobs(frame: np.ndarray) -> list[dict]:
 
 
 def _tracks(frames: np.ndarray) -> list[dict]:
-    """Link blobs frame to frame by nearest centroid (objects move at most 3 px a frame)."""
+    """Link blobs frame to frame by nearest centroid (objects move at most 6 px a frame, and
+    centres of two objects are always >= 14 px apart)."""
     done, active = [], []
     for t, frame in enumerate(frames):
         still = []
         for blob in _blobs(frame):
-            near = [tr for tr in active if np.hypot(tr["x"][-1] - blob["x"], tr["y"][-1] - blob["y"]) < 5]
+            dist = {id(tr): np.hypot(tr["x"][-1] - blob["x"], tr["y"][-1] - blob["y"]) for tr in active}
+            near = sorted((tr for tr in active if dist[id(tr)] < 8), key=lambda tr: dist[id(tr)])
             if near:
                 tr = near[0]
                 active.remove(tr)
@@ -57,8 +60,15 @@ def _tracks(frames: np.ndarray) -> list[dict]:
 def _answer(tracks: list[dict], question: str) -> str:
     if question == "what colour is the object that appeared last ?":
         return max(tracks, key=lambda tr: tr["start"])["colours"][0]
+    if question == "what colour is the object that appeared first ?":
+        return min(tracks, key=lambda tr: tr["start"])["colours"][0]
     if question == "which shape appeared first ?":
         return min(tracks, key=lambda tr: tr["start"])["shape"]
+    if question == "which shape appeared last ?":
+        return max(tracks, key=lambda tr: tr["start"])["shape"]
+    if m := re.fullmatch(r"what shape is the (\w+) object \?", question):
+        (tr,) = [tr for tr in tracks if tr["colours"][0] == m[1]]
+        return tr["shape"]
     if m := re.fullmatch(r"how many (\w+) objects were seen \?", question):
         return ["zero", "one", "two", "three", "four"][sum(tr["shape"] == m[1] for tr in tracks)]
     m = re.fullmatch(r"(?:which way did|what colour did) the (\w+) (\w+) (move|change to) \?", question)
@@ -88,7 +98,9 @@ def test_clip_shape_dtype_and_one_word_answers_in_vocab():
         assert it.clip.shape == (NUM_FRAMES, SIZE, SIZE, 3) and it.clip.dtype == np.uint8
         assert it.answer in ANSWERS and " " not in it.answer
         assert set(it.question.split()) <= set(VOCAB)
-    assert {it.meta["type"] for it in items} == {"last_colour", "first_shape", "direction", "count", "change"}
+    assert {it.meta["type"] for it in items} == set(QUESTION_TYPES)
+    few = make_items("val", 20, per_clip=2)
+    assert len(few) == 40 and {(it.meta["seed"], it.question) for it in few} <= {(it.meta["seed"], it.question) for it in items}
 
 
 def test_split_seed_ranges_are_disjoint():
@@ -105,10 +117,10 @@ def test_split_seed_ranges_are_disjoint():
         clip_seed("holdout", 0)
 
 
-@pytest.mark.parametrize("split", ["train", "test"])
-def test_every_answer_is_recomputable_from_the_pixels(split):
+@pytest.mark.parametrize("split,num_frames", [("train", 16), ("test", 16), ("train", 8)])
+def test_every_answer_is_recomputable_from_the_pixels(split, num_frames):
     tracks = {}
-    for it in make_items(split, 120):
+    for it in make_items(split, 100, num_frames=num_frames):
         if it.meta["seed"] not in tracks:
             tracks[it.meta["seed"]] = _tracks(it.clip)
             assert len(tracks[it.meta["seed"]]) == len(it.meta["objects"])
@@ -118,7 +130,7 @@ def test_every_answer_is_recomputable_from_the_pixels(split):
 def test_answers_are_not_guessable_from_the_question_alone():
     """No question type is dominated by one answer, so a model must look at the video."""
     items = make_items("train", 400)
-    for qtype in ("last_colour", "first_shape", "direction", "change"):
+    for qtype in ("last_colour", "first_colour", "first_shape", "last_shape", "direction", "shape_of", "change"):
         answers = [it.answer for it in items if it.meta["type"] == qtype]
         top = max(answers.count(a) for a in set(answers))
         assert top / len(answers) < 0.45, qtype
@@ -135,3 +147,47 @@ def test_write_video_is_decodable_h264_with_the_same_content(tmp_path):
     rgb = np.stack([f.to_ndarray(format="rgb24") for f in decoded])
     assert rgb.shape == clip.shape
     assert np.abs(rgb.astype(int) - clip.astype(int)).mean() < 6
+
+
+# --- the committed default model -----------------------------------------------------------------
+
+DEFAULT_DIR = Path(__file__).resolve().parent.parent / "streamprune" / "assets" / "default_videoqa"
+
+
+def test_default_videoqa_checkpoint_loads_offline_and_answers_held_out_clips(monkeypatch):
+    """The committed checkpoint loads with the plain transformers classes (no hub) and greedy-decodes
+    the right one-word answer + <eos> for held-out test clips laid out as the adapter lays them out."""
+    import json
+
+    import torch
+    from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
+
+    from streamprune.models.preprocess import square_pixels
+    from streamprune.models.prompt import build_prompt_ids, read_sidecar
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert sum(f.stat().st_size for f in DEFAULT_DIR.iterdir()) < 25e6
+    metrics = json.loads((DEFAULT_DIR / "train_metrics.json").read_text())
+    assert metrics["accuracy"]["test"]["accuracy"] >= 0.8
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(DEFAULT_DIR).eval()
+    tok = AutoTokenizer.from_pretrained(DEFAULT_DIR)
+    sidecar = read_sidecar(DEFAULT_DIR)
+    eos = tok.convert_tokens_to_ids(sidecar["eos_token"])
+    video_id = tok.convert_tokens_to_ids("<video>")
+    assert model.config.video_token_id == video_id
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size // 2
+
+    def answer(item: QAItem) -> list[int]:
+        prompt = build_prompt_ids(tok, item.question, sidecar["prompt_template"])
+        ids = prompt.prefix + [video_id] * (len(item.clip) * side * side + 1) + prompt.suffix
+        pixels = square_pixels(item.clip, model.config.vision_config.image_size)[None]
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.tensor([ids]), pixel_values_videos=pixels,
+                                 max_new_tokens=3, do_sample=False, eos_token_id=eos, pad_token_id=tok.pad_token_id)
+        return out[0, len(ids):].tolist()
+
+    items = make_items("test", 6, start=1000)
+    fixed = next(it for it in items if it.meta["type"] == "direction")
+    assert answer(fixed) == [tok.convert_tokens_to_ids(fixed.answer), eos]
+    right = sum(answer(it)[:1] == [tok.convert_tokens_to_ids(it.answer)] for it in items)
+    assert right / len(items) >= 0.7, f"{right}/{len(items)}"

@@ -1,14 +1,17 @@
 """Synthetic video question answering: moving coloured shapes, one-word answers that need where and when.
 
 Each clip is `NUM_FRAMES` frames of `SIZE`x`SIZE` RGB on black. Two to four objects (distinct colours,
-shape square/circle/triangle, side 12-16 px) appear one after another (at least `MIN_GAP` frames
+shape square/circle/triangle, side 12-16 px) appear one after another (at least 3 frames
 apart), move in a straight line along one axis, may disappear before the end, and one of them may
 change colour once. Objects never touch, so every answer can be recomputed from the pixels.
 
-Questions (one word answers, vocabulary in `VOCAB`):
+Questions (one word answers, vocabulary in `VOCAB`); a clip supports 9-15 of them:
   last_colour  what colour is the object that appeared last ?          -> colour
+  first_colour what colour is the object that appeared first ?         -> colour
   first_shape  which shape appeared first ?                              -> shape
+  last_shape   which shape appeared last ?                               -> shape
   direction    which way did the {colour} {shape} move ?                 -> left/right/up/down
+  shape_of     what shape is the {colour} object ?                       -> shape
   count        how many {shape} objects were seen ?                      -> zero..four
   change       what colour did the {colour} {shape} change to ?          -> colour
 
@@ -29,13 +32,10 @@ from streamprune.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-DATA_VERSION = "1"
+DATA_VERSION = "2"
 NUM_FRAMES = 16
 SIZE = 64
-MIN_GAP = 3  # frames between two appearances
-MIN_VISIBLE = 7  # frames an object stays on screen
 MARGIN = 2  # pixels kept free between any two objects
-HANDOVER = 3  # frames before an appearance / after a disappearance that also keep the margin
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (230, 30, 30),
@@ -49,7 +49,7 @@ COLOURS = tuple(PALETTE)
 SHAPES = ("square", "circle", "triangle")
 DIRECTIONS = ("left", "right", "up", "down")
 NUMBERS = ("zero", "one", "two", "three", "four")
-QUESTION_TYPES = ("last_colour", "first_shape", "direction", "count", "change")
+QUESTION_TYPES = ("last_colour", "first_colour", "first_shape", "last_shape", "direction", "shape_of", "count", "change")
 _DIR_STEP = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy), y grows down
 
 # Disjoint seed ranges; clip i of a split has seed start + i.
@@ -155,10 +155,30 @@ def render(objects: list[SceneObject], num_frames: int = NUM_FRAMES, size: int =
     return frames
 
 
-def _boxes_clear(a: SceneObject, b: SceneObject) -> bool:
+@dataclass(frozen=True)
+class Timing:
+    """Event timing for a clip length, scaled from the 16-frame design (3, 7, 3 frames; 3 px/frame)."""
+
+    min_gap: int  # frames between two appearances
+    min_visible: int  # frames an object stays on screen
+    handover: int  # frames before an appearance / after a disappearance that also keep the margin
+    max_speed: float  # pixels per frame
+    min_speed: float
+
+    @classmethod
+    def for_frames(cls, num_frames: int) -> "Timing":
+        scale = num_frames / 16
+        return cls(max(1, round(3 * scale)), max(4, round(7 * scale)), max(2, round(3 * scale)),
+                   3.0 / scale, 1.5 / scale)
+
+    def max_objects(self, num_frames: int) -> int:
+        return min(4, 1 + (num_frames - self.min_visible) // self.min_gap)
+
+
+def _boxes_clear(a: SceneObject, b: SceneObject, handover: int) -> bool:
     """No contact while both are visible, and none with where the other just was or soon will be
-    (within HANDOVER frames), so an exit next to an entry never looks like one object changing."""
-    for t in range(max(a.appear, b.appear) - HANDOVER, min(a.disappear, b.disappear) + HANDOVER):
+    (within `handover` frames), so an exit next to an entry never looks like one object changing."""
+    for t in range(max(a.appear, b.appear) - handover, min(a.disappear, b.disappear) + handover):
         ax0, ay0, ax1, ay1 = a.box(min(max(t, a.appear), a.disappear - 1))
         bx0, by0, bx1, by1 = b.box(min(max(t, b.appear), b.disappear - 1))
         if ax0 <= bx1 + MARGIN and bx0 <= ax1 + MARGIN and ay0 <= by1 + MARGIN and by0 <= ay1 + MARGIN:
@@ -166,12 +186,13 @@ def _boxes_clear(a: SceneObject, b: SceneObject) -> bool:
     return True
 
 
-def _sample_object(rng: np.random.Generator, colour: str, appear: int, num_frames: int, size: int) -> SceneObject:
+def _sample_object(rng: np.random.Generator, colour: str, appear: int, num_frames: int, size: int,
+                   timing: Timing) -> SceneObject:
     side = int(rng.integers(12, 17))
-    disappear = num_frames if rng.random() < 0.5 else int(rng.integers(appear + MIN_VISIBLE, num_frames + 1))
+    disappear = num_frames if rng.random() < 0.5 else int(rng.integers(appear + timing.min_visible, num_frames + 1))
     steps = disappear - 1 - appear
     direction = DIRECTIONS[int(rng.integers(len(DIRECTIONS)))]
-    speed = float(rng.uniform(max(1.5, 12.0 / steps), min(3.0, (size - side - 4) / steps)))
+    speed = float(rng.uniform(max(timing.min_speed, 12.0 / steps), min(timing.max_speed, (size - side - 4) / steps)))
     dx, dy = _DIR_STEP[direction]
     lo, hi = side / 2 + 1, size - side / 2 - 1  # centre range that keeps the shape inside the frame
     travel = speed * steps
@@ -183,19 +204,20 @@ def _sample_object(rng: np.random.Generator, colour: str, appear: int, num_frame
 
 
 def _sample_scene(rng: np.random.Generator, num_frames: int, size: int) -> list[SceneObject]:
-    n = int(rng.integers(2, 5))
+    timing = Timing.for_frames(num_frames)
+    n = int(rng.integers(2, timing.max_objects(num_frames) + 1))
     colours = [COLOURS[i] for i in rng.permutation(len(COLOURS))]
-    latest = num_frames - MIN_VISIBLE
+    latest = num_frames - timing.min_visible
     while True:
         appears = np.sort(rng.choice(latest + 1, size=n, replace=False))
-        if np.all(np.diff(appears) >= MIN_GAP):
+        if np.all(np.diff(appears) >= timing.min_gap):
             break
     for _ in range(200):
         objects: list[SceneObject] = []
         for i, a in enumerate(appears):
             for _ in range(50):
-                obj = _sample_object(rng, colours[i], int(a), num_frames, size)
-                if all(_boxes_clear(obj, other) for other in objects):
+                obj = _sample_object(rng, colours[i], int(a), num_frames, size, timing)
+                if all(_boxes_clear(obj, other, timing.handover) for other in objects):
                     objects.append(obj)
                     break
             else:
@@ -206,40 +228,47 @@ def _sample_scene(rng: np.random.Generator, num_frames: int, size: int) -> list[
         raise RuntimeError("could not place objects without overlap")
     # One object (never the last to appear, so "last colour" stays unambiguous) may change colour.
     if rng.random() < 0.5:
-        candidates = [o for o in objects[:-1] if o.disappear - o.appear >= 7]
+        candidates = [o for o in objects[:-1] if o.disappear - o.appear >= timing.min_visible]
         if candidates:
             obj = candidates[int(rng.integers(len(candidates)))]
-            obj.change_frame = int(rng.integers(obj.appear + 3, obj.disappear - 2))
+            keep = max(2, (timing.min_visible - 1) // 2)  # frames shown in each colour, at least
+            obj.change_frame = int(rng.integers(obj.appear + keep, obj.disappear - keep + 1))
             obj.new_colour = colours[n]  # a colour no other object ever has
     order = rng.permutation(n)  # list order carries no hint of appearance order
     return [objects[i] for i in order]
 
 
-def _questions(rng: np.random.Generator, objects: list[SceneObject]) -> list[tuple[str, str, str]]:
+def _questions(objects: list[SceneObject]) -> list[tuple[str, str, str]]:
+    """Every question the clip supports, in a fixed order; objects that change colour are only
+    asked about by their first colour in `change` questions."""
     by_appear = sorted(objects, key=lambda o: o.appear)
+    first, last = by_appear[0], by_appear[-1]
+    steady = sorted((o for o in objects if o.change_frame is None), key=lambda o: COLOURS.index(o.colour))
     qs = [
-        ("last_colour", "what colour is the object that appeared last ?", by_appear[-1].colour),
-        ("first_shape", "which shape appeared first ?", by_appear[0].shape),
+        ("last_colour", "what colour is the object that appeared last ?", last.colour),
+        ("first_shape", "which shape appeared first ?", first.shape),
+        ("last_shape", "which shape appeared last ?", last.shape),
     ]
-    steady = [o for o in objects if o.change_frame is None]
-    o = steady[int(rng.integers(len(steady)))]
-    qs.append(("direction", f"which way did the {o.colour} {o.shape} move ?", o.direction))
-    shape = SHAPES[int(rng.integers(len(SHAPES)))]
-    count = sum(ob.shape == shape for ob in objects)
-    qs.append(("count", f"how many {shape} objects were seen ?", NUMBERS[count]))
-    for ob in objects:
-        if ob.change_frame is not None:
-            qs.append(("change", f"what colour did the {ob.colour} {ob.shape} change to ?", ob.new_colour))
+    if first.change_frame is None:
+        qs.append(("first_colour", "what colour is the object that appeared first ?", first.colour))
+    for o in steady:
+        qs.append(("direction", f"which way did the {o.colour} {o.shape} move ?", o.direction))
+        qs.append(("shape_of", f"what shape is the {o.colour} object ?", o.shape))
+    for shape in SHAPES:
+        qs.append(("count", f"how many {shape} objects were seen ?", NUMBERS[sum(o.shape == shape for o in objects)]))
+    for o in objects:
+        if o.change_frame is not None:
+            qs.append(("change", f"what colour did the {o.colour} {o.shape} change to ?", o.new_colour))
     return qs
 
 
 def generate_clip(seed: int, num_frames: int = NUM_FRAMES, size: int = SIZE) -> SyntheticClip:
     """The clip of `seed`: same seed, same bytes."""
-    if num_frames < MIN_VISIBLE + 2 * MIN_GAP or size < 48:
-        raise ConfigError(f"clips need >= {MIN_VISIBLE + 2 * MIN_GAP} frames and >= 48 px, got {num_frames}, {size}")
+    if num_frames < 8 or size < 48:
+        raise ConfigError(f"clips need >= 8 frames and >= 48 px, got {num_frames} frames of {size} px")
     rng = np.random.default_rng(seed)
     objects = _sample_scene(rng, num_frames, size)
-    return SyntheticClip(seed, render(objects, num_frames, size), objects, _questions(rng, objects))
+    return SyntheticClip(seed, render(objects, num_frames, size), objects, _questions(objects))
 
 
 def clip_seed(split: str, index: int) -> int:
@@ -252,8 +281,10 @@ def clip_seed(split: str, index: int) -> int:
     return start + index
 
 
-def make_items(split: str, num_clips: int, start: int = 0, types: tuple[str, ...] = QUESTION_TYPES) -> list[QAItem]:
-    """Every question (of `types`) of clips start..start+num_clips-1 of `split`, as QAItems.
+def make_items(split: str, num_clips: int, start: int = 0, types: tuple[str, ...] = QUESTION_TYPES,
+               per_clip: int | None = None, num_frames: int = NUM_FRAMES) -> list[QAItem]:
+    """The questions (of `types`) of clips start..start+num_clips-1 of `split`, as QAItems: all of
+    them, or `per_clip` drawn at random (seeded by the clip) for a compact evaluation set.
 
     Items of one clip share its frame array. meta: split, seed, type, objects (ground truth).
     """
@@ -262,10 +293,13 @@ def make_items(split: str, num_clips: int, start: int = 0, types: tuple[str, ...
         raise ConfigError(f"unknown question types {sorted(unknown)}; expected some of {QUESTION_TYPES}")
     items = []
     for i in range(start, start + num_clips):
-        clip = generate_clip(clip_seed(split, i))
+        clip = generate_clip(clip_seed(split, i), num_frames)
         objs = [o.as_dict() for o in clip.objects]
-        for qtype, question, answer in clip.questions:
-            if qtype in types:
+        questions = [q for q in clip.questions if q[0] in types]
+        if per_clip is not None and len(questions) > per_clip:
+            pick = np.random.default_rng([clip.seed, 1]).choice(len(questions), per_clip, replace=False)
+            questions = [questions[k] for k in sorted(pick)]
+        for qtype, question, answer in questions:
                 meta = {"split": split, "seed": clip.seed, "type": qtype, "objects": objs}
                 items.append(QAItem(clip.frames, question, answer, meta))
     return items
