@@ -40,6 +40,9 @@ def add_live_arguments(parser: argparse.ArgumentParser) -> None:
                         help="most visual tokens the memory holds, hence the KV cache of each answer (default 2048)")
     parser.add_argument("--window", type=positive(int), default=8, metavar="FRAMES",
                         help="newest frames kept at full (per-frame pruned) detail (default 8)")
+    parser.add_argument("--incremental-kv", action="store_true",
+                        help="keep the memory's KV cache between questions (LLaVA-OneVision; eager attention) "
+                             "instead of re-prefilling the memory for each question")
     parser.add_argument("--no-ray", action="store_true", help="run the stages as threads in this process")
     parser.add_argument("--ray-address", metavar="auto|HOST:PORT", default=None,
                         help="Ray cluster to run the stage actors on; default: start a local Ray instance")
@@ -90,7 +93,7 @@ def run_live(args: argparse.Namespace) -> int:
         model=args.model, method=args.method or "none", retain=args.retain, max_tokens=args.max_tokens,
         fps=args.fps, memory=MemoryConfig(kv_budget=args.kv_budget, recent_frames=args.window),
         queue_frames=args.queue, max_new_tokens=args.max_new_tokens, stats_interval=args.stats_interval,
-        max_frames=args.max_frames, threads=args.threads, seed=args.seed,
+        max_frames=args.max_frames, threads=args.threads, seed=args.seed, incremental_kv=args.incremental_kv,
     )
     source = open_source(args.source, loop=args.loop, realtime=True)
     if args.no_ray:

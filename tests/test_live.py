@@ -88,6 +88,76 @@ def test_question_attention_credited_to_memory_is_the_eager_last_query_row(tiny_
     assert credited.std() > 0  # not a uniform credit
 
 
+@pytest.fixture(scope="module")
+def eager_llava(tiny_model_dirs):
+    """Tiny LLaVA-OV with eager attention and a prompt with text before the video."""
+    from streamprune.models import load_adapter
+
+    adapter = load_adapter(tiny_model_dirs["llava_onevision"], "eager")
+    adapter.template = "the <video> question : {question} answer :"
+    return adapter
+
+
+def _frames(n: int, start: int = 0, seed: int = 0):
+    from streamprune.types import Frame
+    from tests.tiny import random_clip
+
+    return [Frame(image=img, timestamp=(start + i) / 10, index=start + i)
+            for i, img in enumerate(random_clip(n, 32, 32, seed=seed))]
+
+
+def test_incremental_kv_answers_and_credits_exactly_like_reprefill(eager_llava):
+    from streamprune.pipeline.live import EncodeStage, MemoryStage
+
+    encoder = EncodeStage(None, adapter=eager_llava)
+    chunk = encoder.process(_frames(6), 10.0)
+    memory = MemoryConfig(kv_budget=128, recent_frames=2)
+    reprefill = MemoryStage(None, memory, max_new_tokens=4, adapter=eager_llava)
+    incremental = MemoryStage(None, memory, max_new_tokens=4, adapter=eager_llava, incremental_kv=True)
+    for stage in (reprefill, incremental):
+        stage.add(chunk, 10.0)
+    assert incremental.kv.length == 1 + 6 * TOKENS_PER_FRAME  # "the" + the memory
+    before = [stage.memory.scores().clone() for stage in (reprefill, incremental)]
+    a, b = reprefill.ask("what moves ?"), incremental.ask("what moves ?")
+    assert a.text == b.text and a.stream_time == b.stream_time
+    credit_a = reprefill.memory.scores() - before[0]
+    credit_b = incremental.memory.scores() - before[1]
+    assert torch.allclose(credit_a, credit_b, atol=1e-6)
+    assert incremental.kv.length == 1 + 6 * TOKENS_PER_FRAME  # the question was cropped off again
+
+
+def test_incremental_kv_drops_evicted_rows_and_keeps_the_rest_unchanged(eager_llava):
+    from streamprune.pipeline.live import EncodeStage, MemoryStage
+
+    encoder = EncodeStage(None, adapter=eager_llava)
+    memory = MemoryConfig(kv_budget=96, recent_frames=2, static_tau=2.0)  # no merging: eviction only
+    stage = MemoryStage(None, memory, max_new_tokens=2, adapter=eager_llava, incremental_kv=True)
+    stage.add(encoder.process(_frames(6), 10.0), 10.0)
+    keys = {int(u): stage.kv.cache.layers[1].keys[0, :, 1 + i].clone()
+            for i, u in enumerate(stage.memory.snapshot().uid)}
+    stage.add(encoder.process(_frames(4, start=6, seed=1), 10.0), 10.0)
+    snap = stage.memory.snapshot()
+    assert stage.memory.evicted == 4 * TOKENS_PER_FRAME and stage.kv.length == 1 + len(snap) == 97
+    for i, u in enumerate(snap.uid.tolist()):
+        if u in keys:
+            assert torch.equal(stage.kv.cache.layers[1].keys[0, :, 1 + i], keys[u])
+    assert stage.ask("what moves ?").visual_tokens == 96
+
+
+def test_incremental_kv_merge_averages_keys_and_values_with_the_merge_weights(eager_llava):
+    from streamprune.pipeline.live import IncrementalKV
+
+    kv = IncrementalKV(eager_llava)
+    kv.appended(torch.randn(4, eager_llava.language_model.config.hidden_size))
+    layer = kv.cache.layers[0]
+    k, v = layer.keys[0].clone(), layer.values[0].clone()  # [H, 1 + 4, d]
+    kv.merged(torch.tensor([0, 0]), torch.tensor([2, 3]), torch.tensor([2.0, 2.0]), torch.tensor([1.0, 3.0]))
+    expected = (2 * k[:, 1] + k[:, 3] + 3 * k[:, 4]) / 6
+    assert torch.allclose(layer.keys[0, :, 1], expected, atol=1e-6)
+    assert torch.allclose(layer.values[0, :, 1], (2 * v[:, 1] + v[:, 3] + 3 * v[:, 4]) / 6, atol=1e-6)
+    assert torch.equal(layer.keys[0, :, 2], k[:, 2])
+
+
 def test_memory_stays_within_budget_and_rss_flat_over_10000_frames(llava_stages, tmp_path):
     budget = 256
     config = LiveConfig(fps=None, memory=MemoryConfig(kv_budget=budget, recent_frames=8), batch_frames=64,
@@ -183,22 +253,24 @@ def test_oldest_frames_are_dropped_when_the_model_falls_behind(llava_stages):
                 s.frames_dropped)
 
 
-def test_live_job_prints_each_answer_with_its_stream_time(tiny_model_dirs, monkeypatch, capsys, tmp_path):
+@pytest.mark.parametrize("family, flags", [("qwen2_5_vl", []), ("llava_onevision", ["--incremental-kv"])])
+def test_live_job_prints_each_answer_with_its_stream_time(family, flags, tiny_model_dirs, monkeypatch, capsys,
+                                                          tmp_path):
     from pipelines.live_qa import add_live_arguments, run_live
 
     parser = argparse.ArgumentParser()
     add_live_arguments(parser)
     args = parser.parse_args(["--source", "synthetic:width=32,height=32,fps=30", "--no-ray", "--fps", "10",
-                              "--model", str(tiny_model_dirs["qwen2_5_vl"]), "--kv-budget", "64",
+                              "--model", str(tiny_model_dirs[family]), "--kv-budget", "160", "--window", "4",
                               "--max-frames", "45", "--max-new-tokens", "3",
-                              "--stats-json", str(tmp_path / "s.jsonl")])
+                              "--stats-json", str(tmp_path / "s.jsonl"), *flags])
     monkeypatch.setattr("sys.stdin", io.StringIO("what moves ?\n@1.0 what colour is the object ?\n"))
     assert run_live(args) == 0
     lines = capsys.readouterr().out.splitlines()
     times = [float(re.match(r"\[t=([0-9.]+)s\] ", line).group(1)) for line in lines]
     assert len(times) == 2 and times[1] >= 1.0
     last = json.loads((tmp_path / "s.jsonl").read_text().splitlines()[-1])
-    assert last["frames_in"] == 45 and last["tokens"] <= 64
+    assert last["frames_in"] == 45 and last["tokens"] <= 160
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,11 @@
 """Bounded memory of a live stream's visual tokens (see streaming.py for the rules)."""
 
-from streamprune.memory.streaming import MemoryConfig, MemorySnapshot, MemoryUnit, StreamingMemory
+from streamprune.memory.streaming import (
+    MemoryConfig,
+    MemoryListener,
+    MemorySnapshot,
+    MemoryUnit,
+    StreamingMemory,
+)
 
-__all__ = ["MemoryConfig", "MemorySnapshot", "MemoryUnit", "StreamingMemory"]
+__all__ = ["MemoryConfig", "MemoryListener", "MemorySnapshot", "MemoryUnit", "StreamingMemory"]

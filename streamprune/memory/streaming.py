@@ -27,9 +27,11 @@ the per-frame budget by the configured method. When the store is over budget:
    give it), which then decays like any score. A2SF's protected `recent_budget` (16 tokens) is
    the recent window here.
 
-The "KV cache" is NOT kept incrementally: each question re-prefills the LLM from this bounded
-visual memory (plus the prompt), so the bound on visual tokens is a bound on the KV cache built
-for each answer, and the prefill cost per question is O(kv_budget).
+By default the "KV cache" is NOT kept incrementally: each question re-prefills the LLM from this
+bounded visual memory (plus the prompt), so the bound on visual tokens is a bound on the KV cache
+built for each answer, and the prefill cost per question is O(kv_budget). A `MemoryListener`
+(`streamprune.pipeline.live.IncrementalKV`) can instead keep a KV cache in step with the store:
+prefilled unit by unit, evicted and merged with it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -117,17 +120,35 @@ class MemorySnapshot:
         return float(self.ts.min()) if len(self) else 0.0
 
 
+class MemoryListener(Protocol):
+    """Something kept in step with the memory's token order (e.g. an LLM KV cache of its tokens).
+    Called under the memory's lock, in this order per unit: appended, then merged / compacted."""
+
+    def appended(self, features: torch.Tensor) -> None:
+        """`[k, D]` new tokens were added at the end."""
+
+    def merged(self, anchor: torch.Tensor, member: torch.Tensor, anchor_weight: torch.Tensor,
+               member_weight: torch.Tensor) -> None:
+        """Each `member[i]` is being averaged into `anchor[i]` (weights before the merge)."""
+
+    def compacted(self, keep: torch.Tensor) -> None:
+        """Only tokens `keep` (ascending indices) remain, in that order."""
+
+
 class StreamingMemory:
-    """A fixed-capacity token store; see the module doc for the rules. Thread-safe.
+    """A fixed-capacity token store; see the module doc for the rules. Thread-safe (the lock is
+    re-entrant, so a reader may hold it across several calls).
 
     Buffers are allocated once (capacity = budget + one unit's tokens, grown only if a larger
     unit arrives), so a long stream does not grow the process.
     """
 
-    def __init__(self, config: MemoryConfig, dim: int, newline: torch.Tensor | None = None) -> None:
+    def __init__(self, config: MemoryConfig, dim: int, newline: torch.Tensor | None = None,
+                 listener: MemoryListener | None = None) -> None:
         self.config = config
         self.dim = dim
-        self.lock = threading.Lock()
+        self.listener = listener
+        self.lock = threading.RLock()
         self.newline = newline if newline is not None else torch.zeros(0, dim)
         self.n = 0
         self._capacity = 0
@@ -200,6 +221,8 @@ class StreamingMemory:
             self.n += k
             self.units += 1
             self._recent.append(unit.frame)
+            if self.listener is not None:
+                self.listener.appended(self.features[s])
             if self.n > self.config.kv_budget:
                 self._compress()
             if self.n > self.config.kv_budget:
@@ -260,6 +283,8 @@ class StreamingMemory:
             return
         member, anchor = member[merge], anchor[merge]
         wm = self.weight[member]
+        if self.listener is not None:
+            self.listener.merged(anchor, member, self.weight[anchor].clone(), wm)
         self.features[anchor] *= self.weight[anchor, None]  # weighted mean: sum, then divide
         self.features.index_add_(0, anchor, self.features[member] * wm[:, None])
         self.weight.index_add_(0, anchor, wm)
@@ -285,6 +310,8 @@ class StreamingMemory:
     def _compact(self, keep: torch.Tensor) -> None:
         idx = keep.nonzero().squeeze(1)
         m = idx.numel()
+        if self.listener is not None:
+            self.listener.compacted(idx)
         for buf in (self.features, self.thw, self.t_end, self.ts, self.ts_end, self.weight, self.score, self.uid):
             buf[:m] = buf[idx]
         self.n = m

@@ -48,6 +48,7 @@ class LiveConfig:
     fps: frames sampled per second of stream (None: every frame).  queue_frames: frames waiting
     for the encoder before the oldest is dropped.  batch_frames: frames encoded per call.
     drop_oldest: False makes the reader wait instead (offline replay, tests).
+    incremental_kv: keep the memory's KV cache between questions (see `IncrementalKV`).
     """
 
     model: str | None = None
@@ -64,6 +65,7 @@ class LiveConfig:
     max_frames: int | None = None
     threads: int = 1
     seed: int = 0
+    incremental_kv: bool = False
 
 
 @dataclass
@@ -164,11 +166,11 @@ class DropOldestQueue:
             return len(self._items)
 
 
-def _load(model: str | None, threads: int, adapter: Any = None) -> Any:
+def _load(model: str | None, threads: int, adapter: Any = None, attn_implementation: str | None = None) -> Any:
     from streamprune.cli import load_model
 
     torch.set_num_threads(threads)
-    return adapter if adapter is not None else load_model(model)
+    return adapter if adapter is not None else load_model(model, attn_implementation)
 
 
 class EncodeStage:
@@ -230,11 +232,14 @@ class EncodeStage:
 class _LastQueryAttention:
     """Captures, during one prefill, the head-averaged attention of the last prompt token to the
     visual tokens at one decoder layer (a side computation on the layer's input; the main pass
-    keeps its attention kernel)."""
+    keeps its attention kernel). With a `cache`, the layer's cached keys come first in the row
+    (the question is prefilled on top of cached memory)."""
 
-    def __init__(self, adapter: Any, layer: int, visual_slots: torch.Tensor) -> None:
+    def __init__(self, adapter: Any, layer: int, visual_slots: torch.Tensor, cache: Any = None) -> None:
+        self.index = layer
         self.layer = adapter.language_model.layers[layer]
         self.slots = visual_slots
+        self.cache = cache
         self.value: torch.Tensor | None = None
 
     def __enter__(self) -> _LastQueryAttention:
@@ -254,8 +259,10 @@ class _LastQueryAttention:
         cos, sin = (r[0] for r in kwargs["position_embeddings"])  # [L, d]
         q = _rotate(attn.q_proj(x[-1:]).view(1, heads, -1).transpose(0, 1), cos[-1:], sin[-1:])  # [H, 1, d]
         k = _rotate(attn.k_proj(x).view(length, -1, attn.head_dim).transpose(0, 1), cos, sin)  # [Hkv, L, d]
+        if self.cache is not None and self.cache.get_seq_length():
+            k = torch.cat([self.cache.layers[self.index].keys[0], k], dim=1)  # cached keys are rotated
         k = k.repeat_interleave(heads // k.shape[0], dim=0)
-        probs = torch.softmax((q.float() @ k.float().transpose(1, 2)) * attn.scaling, dim=-1)  # [H, 1, L]
+        probs = torch.softmax((q.float() @ k.float().transpose(1, 2)) * attn.scaling, dim=-1)  # [H, 1, S]
         self.value = probs.mean(dim=0)[0, self.slots]
 
 
@@ -264,23 +271,125 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
+class IncrementalKV:
+    """The LLM's KV cache of [prompt prefix | memory tokens], kept in step with a StreamingMemory
+    (it is the memory's `MemoryListener`), so a question only prefills its own tokens.
+
+    Each arriving unit is prefilled on top of the cache (its tokens attend to the prompt prefix and
+    to the memory before them, as in ReKV / StreamingVLM streaming prefill); evicted tokens are
+    removed from every layer's K/V; a merge averages the members' K and V into the anchor's with
+    the merge weights (an approximation: the true K/V of the averaged feature would need the
+    prefix re-run). Positions are 1-D and keep counting up, so evicted tokens leave gaps and the
+    distance to old tokens grows over a long stream. A question's tokens go on top, are answered
+    greedily and are cropped off again.
+
+    Only for 1-D RoPE families (LLaVA-OneVision) whose prompt prefix does not depend on the
+    question, with eager attention: `forward_layers` passes no mask to SDPA, which is only right
+    from an empty cache or for one token, not for a chunk on top of a cache.
+    """
+
+    def __init__(self, adapter: Any) -> None:
+        from transformers import DynamicCache
+
+        from streamprune.errors import ConfigError
+
+        if adapter.family != "llava_onevision":
+            raise ConfigError(f"incremental KV needs 1-D positions; {adapter.family} uses M-RoPE")
+        if adapter.language_model.config._attn_implementation != "eager":
+            raise ConfigError("incremental KV needs the model loaded with eager attention")
+        self.adapter = adapter
+        self.prefix = adapter.prompt_ids("").prefix
+        if adapter.prompt_ids("?").prefix != self.prefix:
+            raise ConfigError("incremental KV needs a prompt whose text before the video is fixed")
+        self.cache = DynamicCache()
+        self.next_position = 0
+        if self.prefix:
+            self._prefill(adapter._embed(self.prefix))
+        self.prefix_len = len(self.prefix)
+
+    def _prefill(self, embeds: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(self.next_position, self.next_position + embeds.shape[0])[None]
+        self.next_position += embeds.shape[0]
+        return self.adapter.forward_layers(embeds, positions, self.cache)
+
+    @torch.inference_mode()
+    def appended(self, features: torch.Tensor) -> None:
+        self._prefill(features)
+
+    @torch.inference_mode()
+    def merged(self, anchor: torch.Tensor, member: torch.Tensor, anchor_weight: torch.Tensor,
+               member_weight: torch.Tensor) -> None:
+        a, m = anchor + self.prefix_len, member + self.prefix_len
+        total = torch.zeros(int(a.max()) + 1).index_add_(0, a, member_weight)[a] + anchor_weight  # per pair
+        for layer in self.cache.layers:
+            for cached in (layer.keys, layer.values):
+                x = cached[0]  # [H, S, d]
+                sums = x[:, a] * anchor_weight[None, :, None].to(x.dtype)
+                x[:, a] = sums  # weighted sum of the anchor, then the members added below
+                x.index_add_(1, a, x[:, m] * member_weight[None, :, None].to(x.dtype))
+                x[:, a] = x[:, a] / total[None, :, None].to(x.dtype)
+
+    @torch.inference_mode()
+    def compacted(self, keep: torch.Tensor) -> None:
+        rows = torch.cat([torch.arange(self.prefix_len), keep + self.prefix_len])
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[:, :, rows]
+            layer.values = layer.values[:, :, rows]
+
+    @property
+    def length(self) -> int:
+        return self.cache.get_seq_length()
+
+    @torch.inference_mode()
+    def answer(self, question: str, newline: torch.Tensor, tokens: int, max_new_tokens: int,
+               attention_layer: int) -> tuple[str, torch.Tensor | None]:
+        """Greedy answer on top of the cached memory of `tokens` visual tokens, plus the last
+        question token's attention to them; the cache is left as it was."""
+        prompt = self.adapter.prompt_ids(question)
+        kept, position = self.length, self.next_position
+        embeds = torch.cat([newline.to(self.adapter.language_model.dtype), self.adapter._embed(prompt.suffix)])
+        slots = self.prefix_len + torch.arange(tokens)
+        try:
+            with _LastQueryAttention(self.adapter, attention_layer, slots, self.cache) as attention:
+                hidden = self._prefill(embeds)
+            out: list[int] = []
+            next_id = int(self.adapter.logits(hidden[-1]).argmax())
+            while next_id not in self.adapter.eos_ids and len(out) < max_new_tokens:
+                out.append(next_id)
+                if len(out) == max_new_tokens:
+                    break
+                hidden = self._prefill(self.adapter._embed([next_id]))
+                next_id = int(self.adapter.logits(hidden[-1]).argmax())
+        finally:
+            for layer in self.cache.layers:  # drop the question and answer tokens again
+                layer.keys, layer.values = layer.keys[:, :, :kept], layer.values[:, :, :kept]
+            self.next_position = position
+        text = self.adapter.tokenizer.decode(out, skip_special_tokens=True).strip()
+        return text, attention.value
+
+
 class MemoryStage:
     """The bounded memory and the LLM answering from it. `add` and `ask` may run concurrently
     (the memory locks itself; an answer works on a snapshot).
 
     attention_layer: decoder layer whose last-query attention feeds A2SF (default: the middle one;
-    A2SF scores every layer of its own cache, ours is one memory shared by all layers)."""
+    A2SF scores every layer of its own cache, ours is one memory shared by all layers).
+    incremental_kv: keep the LLM's KV cache of the memory between questions (`IncrementalKV`)
+    instead of re-prefilling it for each question; the stream then waits while a question is
+    answered, since both extend the same cache."""
 
     def __init__(self, model: str | None, memory: MemoryConfig, max_new_tokens: int = 16,
-                 attention_layer: int | None = None, threads: int = 1, adapter: Any = None) -> None:
+                 attention_layer: int | None = None, threads: int = 1, adapter: Any = None,
+                 incremental_kv: bool = False) -> None:
         from streamprune.pruning.pipeline import build_pipeline
 
-        self.adapter = _load(model, threads, adapter)
+        self.adapter = _load(model, threads, adapter, "eager" if incremental_kv else None)
         self.none = build_pipeline("none")
         self.max_new_tokens = max_new_tokens
         layers = len(self.adapter.language_model.layers)
         self.attention_layer = layers // 2 if attention_layer is None else min(attention_layer, layers - 1)
-        self.memory = StreamingMemory(memory, self.adapter.language_model.config.hidden_size)
+        self.kv = IncrementalKV(self.adapter) if incremental_kv else None
+        self.memory = StreamingMemory(memory, self.adapter.language_model.config.hidden_size, listener=self.kv)
         self.fps = 1.0
         self.frames = 0
         self.stream_time = 0.0
@@ -309,12 +418,29 @@ class MemoryStage:
     @torch.inference_mode()
     def ask(self, question: str) -> LiveAnswer:
         """Answer from the memory as it is now; credits the question's attention back (A2SF)."""
+        start = time.perf_counter()
+        if self.kv is not None:
+            with self.memory.lock:  # the stream waits: the question extends the shared cache
+                snap = self.memory.snapshot()
+                if not len(snap):
+                    raise InputError("no frames in memory yet")
+                text, attention = self.kv.answer(question, snap.newline, len(snap), self.max_new_tokens,
+                                                 self.attention_layer)
+            timings = {}
+        else:
+            snap = self.memory.snapshot()
+            if not len(snap):
+                raise InputError("no frames in memory yet")
+            text, attention, timings = self._reprefill_answer(question, snap)
+        if attention is not None:
+            self.memory.credit_attention(snap.uid, attention)
+        return LiveAnswer(question=question, text=text, stream_time=snap.stream_time,
+                          memory_start=snap.start_time, visual_tokens=len(snap),
+                          latency_ms=(time.perf_counter() - start) * 1000, timings_ms=timings)
+
+    def _reprefill_answer(self, question: str, snap: Any) -> tuple[str, torch.Tensor | None, dict[str, float]]:
         from streamprune.models.base import EncodedVideo
 
-        start = time.perf_counter()
-        snap = self.memory.snapshot()
-        if not len(snap):
-            raise InputError("no frames in memory yet")
         m = len(snap)
         # a flat token list: 1-D RoPE (LLaVA-OV) sees the tokens in time order, contiguously;
         # M-RoPE (Qwen2.5-VL) sees one row, so its (t, h, w) structure is not conveyed
@@ -323,11 +449,7 @@ class MemoryStage:
         slots = self.adapter.layout(video, self.adapter.prompt_ids(question)).visual_slots
         with self._answer_lock, _LastQueryAttention(self.adapter, self.attention_layer, slots) as attention:
             answer = self.adapter.answer_encoded(video, question, self.none, max_new_tokens=self.max_new_tokens)
-        if attention.value is not None:
-            self.memory.credit_attention(snap.uid, attention.value)
-        return LiveAnswer(question=question, text=answer.text, stream_time=snap.stream_time,
-                          memory_start=snap.start_time, visual_tokens=m,
-                          latency_ms=(time.perf_counter() - start) * 1000, timings_ms=answer.timings_ms)
+        return answer.text, attention.value, answer.timings_ms
 
     def tokens_per_frame(self) -> dict[int, int]:
         return self.memory.tokens_per_frame()
@@ -355,10 +477,11 @@ class LocalStages:
     """Both stages in this process (`--no-ray`), sharing one copy of the model."""
 
     def __init__(self, config: LiveConfig) -> None:
+        adapter = _load(config.model, config.threads, attn_implementation="eager") if config.incremental_kv else None
         self.encoder = EncodeStage(config.model, config.method, config.retain, config.max_tokens, config.seed,
-                                   config.threads)
+                                   config.threads, adapter=adapter)
         self.memory = MemoryStage(config.model, config.memory, config.max_new_tokens, threads=config.threads,
-                                  adapter=self.encoder.adapter)
+                                  adapter=self.encoder.adapter, incremental_kv=config.incremental_kv)
         self.unit_frames = self.encoder.unit_frames()
 
     def encode_add(self, frames: list[Frame], fps: float) -> dict[str, Any]:
@@ -383,7 +506,8 @@ class RayStages:
         memory_cls = ray.remote(MemoryStage).options(max_concurrency=2, num_cpus=0)
         self.encoder = encoder_cls.remote(config.model, config.method, config.retain, config.max_tokens,
                                           config.seed, config.threads)
-        self.memory = memory_cls.remote(config.model, config.memory, config.max_new_tokens, None, config.threads)
+        self.memory = memory_cls.remote(config.model, config.memory, config.max_new_tokens, None, config.threads,
+                                        None, config.incremental_kv)
         self.unit_frames = ray.get(self.encoder.unit_frames.remote())
 
     def encode_add(self, frames: list[Frame], fps: float) -> dict[str, Any]:
