@@ -49,6 +49,12 @@ def _rotation_error(target: np.ndarray, current: np.ndarray) -> np.ndarray:
     return q[:3] / s * 2.0 * np.arctan2(s, q[3])
 
 
+def _gap(point: np.ndarray, box: tuple[np.ndarray, np.ndarray]) -> float:
+    """Horizontal distance from `point` [2] to a box's footprint (0 inside it)."""
+    lo, hi = box
+    return float(np.linalg.norm(np.maximum(0.0, np.maximum(lo[:2] - point, point - hi[:2]))))
+
+
 class LiberoPickPlaceExpert:
     """Move above / descend / grasp / lift / carry / lower / release, for LIBERO goals of the form
     `(On|In obj target)`, driving the end effector with OSC_POSE delta actions.
@@ -79,13 +85,14 @@ class LiberoPickPlaceExpert:
         centre = self.sim.data.body_xpos[self.obj_body].copy()
         half = (hi - lo) / 2
         grasp = centre.copy()
-        if min(half[0], half[1]) > self.MAX_HALF_WIDTH:
-            # Straddle the wall at +y or -y, whichever side has more free room.
-            others = self._other_object_positions(sim_env, exclude=obj)
-            sides = [centre[:2] + np.array([0.0, s * (half[1] - self.RIM_INSET)]) for s in (1.0, -1.0)]
-            room = [min((np.linalg.norm(p - o[:2]) for o in others), default=1.0) for p in sides]
-            grasp[:2] = sides[int(np.argmax(room))]
         grasp[2] = max(hi[2] - 0.02, lo[2] + 0.015)
+        if min(half[0], half[1]) > self.MAX_HALF_WIDTH:
+            # Straddle the wall at +y or -y, whichever side is farther from anything standing
+            # taller than the grasp height (the hand is wider than the fingers).
+            obstacles = [box for box in self._other_boxes(sim_env, exclude=obj) if box[1][2] > grasp[2]]
+            sides = [centre[:2] + np.array([0.0, s * (half[1] - self.RIM_INSET)]) for s in (1.0, -1.0)]
+            room = [min((_gap(p, box) for box in obstacles), default=1.0) for p in sides]
+            grasp[:2] = sides[int(np.argmax(room))]
         self.grasp = grasp
         self.grasp_from_bottom = grasp[2] - lo[2]
         self.offset = grasp - centre  # keeps the object where the gripper holds it
@@ -121,12 +128,10 @@ class LiberoPickPlaceExpert:
         allp = np.concatenate(pts)
         return allp.min(0), allp.max(0)
 
-    def _other_object_positions(self, sim_env: Any, exclude: str) -> list[np.ndarray]:
-        return [
-            self.sim.data.body_xpos[self._body_id(o.root_body)].copy()
-            for name, o in sim_env.objects_dict.items()
-            if name != exclude
-        ]
+    def _other_boxes(self, sim_env: Any, exclude: str) -> list[tuple[np.ndarray, np.ndarray]]:
+        """World bounding boxes of every object and fixture but `exclude`."""
+        tables = {**sim_env.objects_dict, **sim_env.fixtures_dict}
+        return [self._aabb(self._body_id(o.root_body)) for name, o in tables.items() if name != exclude]
 
     def _target_location(self, sim_env: Any, target: str) -> tuple[np.ndarray, float]:
         """Where to put the object: centre of the target object (its top height) or region."""
