@@ -158,6 +158,17 @@ def test_incremental_kv_merge_averages_keys_and_values_with_the_merge_weights(ea
     assert torch.equal(layer.keys[0, :, 2], k[:, 2])
 
 
+def test_inner_llm_methods_and_missing_models_are_refused_before_any_actor_starts(tmp_path):
+    from streamprune.errors import ConfigError, ModelError
+    from streamprune.pipeline.live import check_model, unit_pipeline
+
+    with pytest.raises(ConfigError, match="inside the LLM"):
+        unit_pipeline("fastv", 0.5, None)
+    assert unit_pipeline("visionzip", 0.5, None).pre_llm
+    with pytest.raises(ModelError, match="no config.json"):
+        check_model(str(tmp_path / "missing"))
+
+
 def test_memory_stays_within_budget_and_rss_flat_over_10000_frames(llava_stages, tmp_path):
     budget = 256
     config = LiveConfig(fps=None, memory=MemoryConfig(kv_budget=budget, recent_frames=8), batch_frames=64,

@@ -26,7 +26,7 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -173,6 +173,28 @@ def _load(model: str | None, threads: int, adapter: Any = None, attn_implementat
     return adapter if adapter is not None else load_model(model, attn_implementation)
 
 
+def unit_pipeline(method: str, retain: float | None, max_tokens: int | None) -> Any:
+    """The pruning pipeline applied to each unit; only pre-LLM stages make sense there."""
+    from streamprune.errors import ConfigError
+    from streamprune.pruning.pipeline import build_pipeline
+
+    pipeline = build_pipeline(method, retain=retain, max_tokens=max_tokens)
+    if pipeline.inner_llm is not None or pipeline.encoder_options:
+        raise ConfigError(f"method {method!r} has a stage inside the LLM or the vision encoder; live memory "
+                          "prunes each frame before the LLM, so use a pre-LLM method (see `streamprune methods`)")
+    return pipeline
+
+
+def check_model(model: str | None) -> None:
+    """Fail here, with a one-line ModelError, rather than inside a Ray actor."""
+    from streamprune.config import resolve_model
+    from streamprune.errors import ModelError
+
+    path = resolve_model(model).path
+    if path is not None and not (Path(path) / "config.json").is_file():
+        raise ModelError(f"model path {path!r} does not exist or has no config.json")
+
+
 class EncodeStage:
     """Frames -> MemoryUnits: the adapter's vision encoder, then the configured method on each
     unit (the per-frame budget is `retain` of one unit's tokens)."""
@@ -180,15 +202,9 @@ class EncodeStage:
     def __init__(self, model: str | None, method: str = "none", retain: float | None = None,
                  max_tokens: int | None = None, seed: int = 0, threads: int = 1, adapter: Any = None) -> None:
         from streamprune.pruning.base import PruneContext
-        from streamprune.pruning.pipeline import build_pipeline
 
+        self.pipeline = unit_pipeline(method, retain, max_tokens)
         self.adapter = _load(model, threads, adapter)
-        self.pipeline = build_pipeline(method, retain=retain, max_tokens=max_tokens)
-        if self.pipeline.inner_llm is not None or self.pipeline.encoder_options:
-            from streamprune.errors import ConfigError
-
-            raise ConfigError(f"method {method!r} has a stage inside the LLM or the vision encoder; "
-                              "live memory prunes each frame before the LLM, so use a pre-LLM method")
         self.ctx = PruneContext(seed=seed)
 
     def unit_frames(self) -> int:
@@ -501,6 +517,8 @@ class RayStages:
     def __init__(self, config: LiveConfig, task_retries: int = 3) -> None:
         import ray
 
+        unit_pipeline(config.method, config.retain, config.max_tokens)
+        check_model(config.model)
         self._ray = ray
         encoder_cls = ray.remote(EncodeStage).options(max_restarts=-1, max_task_retries=task_retries, num_cpus=0)
         memory_cls = ray.remote(MemoryStage).options(max_concurrency=2, num_cpus=0)
@@ -608,7 +626,7 @@ class LiveRunner:
         """Block until the source ended and every queued frame is in memory (or failed)."""
         return self.worker_done.wait(timeout)
 
-    def wait_for(self, predicate, timeout: float) -> bool:
+    def wait_for(self, predicate: Callable[[LiveStats], bool], timeout: float) -> bool:
         """Wait until `predicate(stats)` holds, the run failed or `timeout` passed."""
         deadline = time.monotonic() + timeout
         with self._progress:
@@ -660,7 +678,7 @@ class LiveRunner:
         carry: list[tuple[Frame, float]] = []
         unit = self.stages.unit_frames
         try:
-            while True:
+            while not self._stop.is_set():
                 batch = self.queue.get_batch(self.config.batch_frames, timeout=0.1)
                 if not batch:
                     if self.queue.closed and not len(self.queue):
@@ -672,8 +690,9 @@ class LiveRunner:
                 if usable:
                     self._process(items[:usable])
                 self._sample()
-            self.stats.frames_dropped += len(carry)  # a trailing half unit cannot be encoded
         finally:
+            # a trailing half unit cannot be encoded; frames still queued at stop are never processed
+            self.stats.frames_dropped += len(carry) + len(self.queue.get_batch(self.config.queue_frames, 0))
             self.stats.frames_dropped += self.queue.take_dropped()
             self.worker_done.set()
 
