@@ -365,3 +365,36 @@ def test_zmq_source_feeds_the_runtime_and_hostile_messages_are_dropped(llava_sta
     log.warning("zmq: sent %d frames + %d bad messages; processed %d, malformed %d, seq gaps %d, queue drops %d",
                 sent["frames"], sent["bad"], last["frames_processed"], last["source_malformed"],
                 last["source_dropped"], last["frames_dropped"])
+
+
+def test_publish_job_serves_a_source_that_a_zmq_subscriber_receives(capsys):
+    import socket
+
+    from pipelines.live_qa import add_publish_arguments, run_publish
+    from streamprune.errors import ConfigError
+
+    with socket.socket() as probe:  # a free loopback port for the publisher to bind
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    parser = argparse.ArgumentParser()
+    add_publish_arguments(parser)
+    subscriber = open_source(f"zmq://127.0.0.1:{port}")
+    received = []
+
+    def receive() -> None:
+        for frame in subscriber:
+            received.append(frame)
+            if len(received) == 5:
+                subscriber.close()
+
+    reader = threading.Thread(target=receive)
+    reader.start()
+    args = parser.parse_args(["--source", "synthetic:width=40,height=24,fps=30,frames=90",
+                              "--bind", f"tcp://127.0.0.1:{port}"])
+    assert run_publish(args) == 0
+    subscriber.close()
+    reader.join(timeout=10)
+    assert len(received) == 5 and all(f.image.shape == (24, 40, 3) for f in received)
+    assert "published 90 frames" in capsys.readouterr().err
+    with pytest.raises(ConfigError):
+        run_publish(parser.parse_args(["--source", f"zmq://127.0.0.1:{port}"]))
