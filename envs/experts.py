@@ -85,7 +85,7 @@ class LiberoPickPlaceExpert:
         centre = self.sim.data.body_xpos[self.obj_body].copy()
         half = (hi - lo) / 2
         grasp = centre.copy()
-        grasp[2] = max(hi[2] - 0.02, lo[2] + 0.015)
+        grasp[2] = max(hi[2] - 0.03, lo[2] + 0.015)
         if min(half[0], half[1]) > self.MAX_HALF_WIDTH:
             # Straddle the wall at +y or -y, whichever side is farther from anything standing
             # taller than the grasp height (the hand is wider than the fingers).

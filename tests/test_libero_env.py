@@ -69,7 +69,7 @@ def test_libero_idle_robot_is_not_success_and_truncates_at_the_step_limit(env):
 
 
 def test_libero_scripted_expert_puts_the_bowl_on_the_plate(env):
-    env.reset(options={"init_state": 0})
+    env.reset(seed=0, options={"init_state": 0})
     for _ in range(env.unwrapped.max_steps):
         _, reward, terminated, truncated, info = env.step(expert_action(env))
         if terminated or truncated:
