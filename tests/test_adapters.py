@@ -137,3 +137,19 @@ def test_stc_pipeline_answers_through_the_cacher(tiny_adapters):
     assert adapter.make_cacher(pipeline) is not None
     answer = adapter.answer(random_clip(frames=4), QUESTION, pipeline, fps=2.0, max_new_tokens=2)
     assert answer.visual_tokens_kept <= pipeline.budget.count(answer.visual_tokens_in)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chunked_prefill_on_a_filled_cache_equals_one_prefill(tiny_adapters, family):
+    """Appending a multi-token chunk to a non-empty KV cache gives the same hidden states as
+    prefilling the whole sequence at once (the mask must be causal bottom-right)."""
+    adapter = tiny_adapters[family]
+    video = adapter.encode(random_clip(), fps=2.0)
+    layout = adapter.layout(video, adapter.prompt_ids(QUESTION))
+    embeds, positions = layout.embeds, layout.positions
+    whole = adapter.forward_layers(embeds, positions, DynamicCache())
+    cache = DynamicCache()
+    split = embeds.shape[0] // 2
+    adapter.forward_layers(embeds[:split], positions[:, :split], cache)
+    tail = adapter.forward_layers(embeds[split:], positions[:, split:], cache)
+    assert torch.allclose(tail, whole[split:], atol=1e-5)

@@ -206,8 +206,11 @@ class VideoLLMAdapter(ABC):
         return positions if positions.shape[0] == 1 else positions[:, None, :]
 
     def _causal_mask(self, q_len: int, past: int, dtype: torch.dtype) -> torch.Tensor | None:
-        # SDPA / flash kernels apply causality themselves when no mask is given; eager needs one.
-        if q_len == 1 or self.language_model.config._attn_implementation != "eager":
+        """None where the kernel gets causality right by itself: one query, flash attention
+        (bottom-right aligned), or SDPA on an empty cache (its is_causal is top-left aligned, so
+        a chunk appended to a non-empty cache needs an explicit mask, as eager always does)."""
+        implementation = self.language_model.config._attn_implementation
+        if q_len == 1 or "flash" in implementation or (implementation == "sdpa" and past == 0):
             return None
         mask = torch.full((q_len, past + q_len), torch.finfo(dtype).min, dtype=dtype)
         mask = torch.triu(mask, diagonal=past + 1)
