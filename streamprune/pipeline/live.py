@@ -300,8 +300,7 @@ class IncrementalKV:
     greedily and are cropped off again.
 
     Only for 1-D RoPE families (LLaVA-OneVision) whose prompt prefix does not depend on the
-    question, with eager attention: `forward_layers` passes no mask to SDPA, which is only right
-    from an empty cache or for one token, not for a chunk on top of a cache.
+    question.
     """
 
     def __init__(self, adapter: Any) -> None:
@@ -311,8 +310,6 @@ class IncrementalKV:
 
         if adapter.family != "llava_onevision":
             raise ConfigError(f"incremental KV needs 1-D positions; {adapter.family} uses M-RoPE")
-        if adapter.language_model.config._attn_implementation != "eager":
-            raise ConfigError("incremental KV needs the model loaded with eager attention")
         self.adapter = adapter
         self.prefix = adapter.prompt_ids("").prefix
         if adapter.prompt_ids("?").prefix != self.prefix:
@@ -399,7 +396,7 @@ class MemoryStage:
                  incremental_kv: bool = False) -> None:
         from streamprune.pruning.pipeline import build_pipeline
 
-        self.adapter = _load(model, threads, adapter, "eager" if incremental_kv else None)
+        self.adapter = _load(model, threads, adapter, None)
         self.none = build_pipeline("none")
         self.max_new_tokens = max_new_tokens
         layers = len(self.adapter.language_model.layers)
@@ -493,7 +490,7 @@ class LocalStages:
     """Both stages in this process (`--no-ray`), sharing one copy of the model."""
 
     def __init__(self, config: LiveConfig) -> None:
-        adapter = _load(config.model, config.threads, attn_implementation="eager") if config.incremental_kv else None
+        adapter = _load(config.model, config.threads) if config.incremental_kv else None
         self.encoder = EncodeStage(config.model, config.method, config.retain, config.max_tokens, config.seed,
                                    config.threads, adapter=adapter)
         self.memory = MemoryStage(config.model, config.memory, config.max_new_tokens, threads=config.threads,
