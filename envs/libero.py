@@ -144,6 +144,7 @@ class LiberoEnv(gym.Env):
         if not 0 <= k < n:
             raise ConfigError(f"init_state must be in 0..{n - 1}, got {k}")
         self.init_state_id = k
+        self._make_gl_current()
         # The initial states fix the movable objects only: every reset LIBERO re-draws the
         # fixtures' poses (e.g. the cabinet's) from numpy's global RNG. Draw them from this env's
         # seeded RNG instead, leaving the global RNG as it was.
@@ -168,6 +169,7 @@ class LiberoEnv(gym.Env):
 
     def step(self, action: np.ndarray) -> tuple[dict, float, bool, bool, dict]:
         action = np.clip(np.asarray(action, np.float64).reshape(7), -1.0, 1.0)
+        self._make_gl_current()
         self.raw_obs, _, _, _ = self.sim_env.step(action)
         self.steps += 1
         success = bool(self.sim_env.check_success())
@@ -191,6 +193,13 @@ class LiberoEnv(gym.Env):
         if self._expert is None:
             self._expert = LiberoPickPlaceExpert(self)
         return self._expert.act()
+
+    def _make_gl_current(self) -> None:
+        """robosuite renders into whichever GL context is current; with several envs in one
+        process (or one closed) that may not be this env's, so bind ours before stepping."""
+        ctx = getattr(self.sim_env.sim, "_render_context_offscreen", None)
+        if ctx is not None:
+            ctx.gl_ctx.make_current()
 
     def _image(self, key: str) -> np.ndarray:
         return np.ascontiguousarray(self.raw_obs[key][::-1, ::-1])  # 180-degree turn, as OpenVLA

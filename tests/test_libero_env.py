@@ -75,3 +75,13 @@ def test_libero_scripted_expert_puts_the_bowl_on_the_plate(env):
         if terminated or truncated:
             break
     assert info["is_success"] and terminated and reward == 1.0
+
+
+def test_libero_closing_another_env_leaves_this_envs_images_intact(env):
+    # robosuite renders into the current GL context; closing another env unbinds it.
+    before, _ = env.reset(seed=1, options={"init_state": 5})
+    other = make_env("LIBERO-spatial/1")
+    other.reset(seed=0)
+    other.close()
+    after, _ = env.reset(seed=1, options={"init_state": 5})
+    assert np.array_equal(before["image"], after["image"])
