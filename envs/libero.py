@@ -26,6 +26,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from envs.experts import LiberoPickPlaceExpert
 from streamprune.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -108,8 +109,8 @@ class LiberoEnv(gym.Env):
         self.init_states: np.ndarray = np.asarray(bench.get_task_init_states(task_id))  # [50, state_dim]
         bddl = os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file)
         cameras = ["agentview"] + (["robot0_eye_in_hand"] if wrist_image else [])
-        # hard_reset=False: the loaded initial state overwrites the whole simulator state anyway,
-        # and rebuilding the MuJoCo model on every reset costs ~6 s on a CPU.
+        # hard_reset=False: rebuilding the MuJoCo model on every reset (OpenVLA's way) costs ~6 s
+        # on a CPU; reset() below restores what a rebuild would, so episodes come out the same.
         self.sim_env = OffScreenRenderEnv(
             bddl_file_name=bddl,
             camera_heights=image_size,
@@ -188,8 +189,6 @@ class LiberoEnv(gym.Env):
 
     def expert_action(self) -> np.ndarray:
         """Scripted pick-and-place from the simulator's object poses (see envs.experts). [7]"""
-        from envs.experts import LiberoPickPlaceExpert
-
         if self._expert is None:
             self._expert = LiberoPickPlaceExpert(self)
         return self._expert.act()
