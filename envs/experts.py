@@ -49,6 +49,9 @@ def _rotation_error(target: np.ndarray, current: np.ndarray) -> np.ndarray:
     return q[:3] / s * 2.0 * np.arctan2(s, q[3])
 
 
+_MJ_GEOM_MESH = 7  # mujoco.mjtGeom.mjGEOM_MESH, without importing MuJoCo here
+
+
 def _gap(point: np.ndarray, box: tuple[np.ndarray, np.ndarray]) -> float:
     """Horizontal distance from `point` [2] to a box's footprint (0 inside it)."""
     lo, hi = box
@@ -68,7 +71,8 @@ class LiberoPickPlaceExpert:
     POS_SCALE = 0.05  # metres per unit of action (robosuite OSC_POSE output_max)
     ROT_SCALE = 0.5  # radians per unit of action
     GAIN = 2.0  # proportional gain on the position error, in action units per POS_SCALE
-    MAX_HALF_WIDTH = 0.03  # objects half as wide as this or less fit the open gripper (~0.08 m)
+    MAX_HALF_WIDTH = 0.03  # objects at most twice this wide fit the open gripper (~0.08 m)
+    GRASP_DEPTH = 0.03  # how far below an object's top the fingers close
     RIM_INSET = 0.012  # how far inside a wide object's edge the fingers straddle its wall
     CLEARANCE = 0.08  # carry height above the highest thing on the path
 
@@ -85,7 +89,7 @@ class LiberoPickPlaceExpert:
         centre = self.sim.data.body_xpos[self.obj_body].copy()
         half = (hi - lo) / 2
         grasp = centre.copy()
-        grasp[2] = max(hi[2] - 0.03, lo[2] + 0.015)
+        grasp[2] = max(hi[2] - self.GRASP_DEPTH, lo[2] + 0.015)
         if min(half[0], half[1]) > self.MAX_HALF_WIDTH:
             # Straddle the wall at +y or -y, whichever side is farther from anything standing
             # taller than the grasp height (the hand is wider than the fingers).
@@ -118,7 +122,7 @@ class LiberoPickPlaceExpert:
             if int(model.geom_bodyid[g]) not in bodies:
                 continue
             pos, rot = data.geom_xpos[g], data.geom_xmat[g].reshape(3, 3)
-            if int(model.geom_type[g]) == 7:  # mesh: use its vertices
+            if int(model.geom_type[g]) == _MJ_GEOM_MESH:  # use its vertices
                 mid = int(model.geom_dataid[g])
                 a, n = int(model.mesh_vertadr[mid]), int(model.mesh_vertnum[mid])
                 pts.append(pos + model.mesh_vert[a : a + n] @ rot.T)
