@@ -199,7 +199,7 @@ def select_tokens(adapter, frames: np.ndarray, pipeline: PruningPipeline, fps: f
                   ctx: PruneContext, question: str = DEFAULT_QUESTION) -> Highlight:
     """Encode `[T, H, W, 3]` frames and run the pipeline's selection as `adapter.answer` does.
     With an inner-LLM stage, prefill `question` and compose that stage's choice in."""
-    from streamprune.models.base import DynamicCache, InnerStage
+    from streamprune.models.base import DynamicCache
 
     video = adapter.encode(frames, fps=fps, signals=pipeline.requires, cacher=adapter.make_cacher(pipeline))
     selection = pipeline.select(video.tokens, ctx)
@@ -208,8 +208,7 @@ def select_tokens(adapter, frames: np.ndarray, pipeline: PruningPipeline, fps: f
         return Highlight(video.tokens, selection.indices, merged, "pre-LLM")
     layout = adapter.layout(video, adapter.prompt_ids(question))
     embeds, positions, kept_slots = layout.keep(selection)
-    budget = pipeline.inner_budget(len(selection), len(video.tokens))
-    stage = InnerStage(adapter, pipeline.inner_llm, budget, ctx, kept_slots, embeds[kept_slots])
+    stage = adapter.inner_stage(pipeline, video, selection, kept_slots, embeds, ctx)
     recorder = _RecordingMethod(pipeline.inner_llm)
     stage.method = recorder
     adapter.forward_layers(embeds, positions, DynamicCache(), stage)

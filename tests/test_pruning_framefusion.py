@@ -115,3 +115,29 @@ def test_framefusion_is_deterministic() -> None:
 def test_framefusion_yaml_builds() -> None:
     (stage,) = yaml.safe_load(CONFIG.read_text())["stages"]
     assert make_method(stage["method"], **stage["options"]).config.similarity_lower_bound == 0.6
+
+
+def test_framefusion_llm_merges_static_patch_and_prunes_by_last_token_attention():
+    """Inside the LLM: a patch static across frames (by its layer-0 input) becomes one token at its
+    earliest frame holding the mean of the run's hidden states; survivors are ranked by the last
+    token's attention."""
+    from streamprune.pruning.framefusion import FrameFusionLLM
+
+    t, h, w, d = 3, 2, 2, 8
+    gen = torch.Generator().manual_seed(0)
+    layer0 = torch.randn(t, h * w, d, generator=gen)
+    layer0[1, 0] = layer0[0, 0]
+    layer0[2, 0] = layer0[0, 0]  # patch 0 static over all frames
+    hidden = torch.randn(t * h * w, d, generator=gen)
+    attention = torch.linspace(0.1, 1.2, t * h * w)
+    attention[0] = 5.0  # the static run's anchor is important
+    tokens = VisualTokens(hidden, VisualTokens.grid_positions(t, h, w), (t, h, w),
+                          signals={"input_embeds": layer0.reshape(-1, d), "llm_attention_last": attention})
+    selection = FrameFusionLLM()(tokens, Budget(max_tokens=4))
+    assert len(selection) == 4
+    assert 0 in selection.indices.tolist() and 4 not in selection.indices.tolist() and 8 not in selection.indices.tolist()
+    anchor = selection.indices.tolist().index(0)
+    assert torch.allclose(selection.features[anchor], hidden[[0, 4, 8]].mean(0), atol=1e-6)
+    # the other survivors are the top-attention tokens among the rest
+    rest = sorted(set(range(12)) - {4, 8, 0}, key=lambda i: -float(attention[i]))[:3]
+    assert sorted(selection.indices.tolist()) == sorted([0, *rest])

@@ -219,6 +219,15 @@ class VideoLLMAdapter(ABC):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden)
 
+    def inner_stage(self, pipeline: PruningPipeline, video: EncodedVideo, selection: Selection,
+                    kept_slots: torch.Tensor, embeds: torch.Tensor, ctx: PruneContext) -> "InnerStage | None":
+        """The pipeline's inner-LLM stage for one prefill of the pre-LLM survivors, or None."""
+        if pipeline.inner_llm is None:
+            return None
+        budget = pipeline.inner_budget(len(selection), len(video.tokens))
+        return InnerStage(self, pipeline.inner_llm, budget, ctx, kept_slots, embeds[kept_slots],
+                          video.tokens.thw[selection.indices], video.tokens.grid)
+
     @torch.inference_mode()
     def prompt_logits(self, video: EncodedVideo, question: str, selection: Selection | None = None) -> torch.Tensor:
         """Logits `[L', V]` for every position of the (pruned) prompt; no generation."""
@@ -246,10 +255,7 @@ class VideoLLMAdapter(ABC):
             selection = pipeline.select(video.tokens, ctx)
         layout = self.layout(video, self.prompt_ids(question))
         embeds, positions, kept_slots = layout.keep(selection)
-        inner = None
-        if pipeline.inner_llm is not None:
-            budget = pipeline.inner_budget(len(selection), len(video.tokens))
-            inner = InnerStage(self, pipeline.inner_llm, budget, ctx, kept_slots, embeds[kept_slots])
+        inner = self.inner_stage(pipeline, video, selection, kept_slots, embeds, ctx)
         cache = DynamicCache()
         with timer("prefill"):
             hidden = self.forward_layers(embeds, positions, cache, inner)
@@ -281,11 +287,16 @@ class InnerStage:
     visual hidden states and slices the sequence (positions stay the originals)."""
 
     def __init__(self, adapter: VideoLLMAdapter, method: PruningMethod, budget: Budget, ctx: PruneContext,
-                 visual_slots: torch.Tensor, input_embeds: torch.Tensor) -> None:
+                 visual_slots: torch.Tensor, input_embeds: torch.Tensor, thw: torch.Tensor | None = None,
+                 grid: tuple[int, int, int] | None = None) -> None:
         self.layer = inner_layer(adapter, method)
         self.method, self.budget, self.ctx = method, budget, ctx
         self.visual_slots = visual_slots
         self.input_embeds = input_embeds
+        # grid positions of the tokens reaching the stage (methods that compare frames need them)
+        n = len(visual_slots)
+        self.thw = thw if thw is not None else torch.zeros(n, 3, dtype=torch.long)
+        self.grid = grid if grid is not None else (1, 1, n)
         self.attention: dict[str, torch.Tensor] = {}
         self.kept = len(visual_slots)
         # after pruning: which of the visual_slots survived, and their index in the new sequence
@@ -317,8 +328,8 @@ class InnerStage:
         t_slots = self.visual_slots
         tokens = VisualTokens(
             features=hidden[0, t_slots],
-            thw=torch.zeros(len(t_slots), 3, dtype=torch.long),
-            grid=(1, 1, len(t_slots)),
+            thw=self.thw,
+            grid=self.grid,
             signals={**self.attention, "input_embeds": self.input_embeds},
         )
         selection = self.method(tokens, self.budget, self.ctx)

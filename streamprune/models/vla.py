@@ -142,10 +142,7 @@ class VLAPolicy:
         selection = pipeline.select(video.tokens, ctx)
         layout = adapter.layout(video, adapter.prompt_ids(instruction))
         embeds, positions, kept_slots = layout.keep(selection)
-        inner = None
-        if pipeline.inner_llm is not None:
-            budget = pipeline.inner_budget(len(selection), len(video.tokens))
-            inner = InnerStage(adapter, pipeline.inner_llm, budget, ctx, kept_slots, embeds[kept_slots])
+        inner = adapter.inner_stage(pipeline, video, selection, kept_slots, embeds, ctx)
         tap = ActionAttentionTap(self.action_layer, len(video.tokens), selection.indices, kept_slots, inner)
         cache = DynamicCache()
         hidden = adapter.forward_layers(embeds, positions, cache, inner, tap)

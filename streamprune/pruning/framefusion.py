@@ -39,12 +39,14 @@ from streamprune.types import Selection, VisualTokens
 
 logger = logging.getLogger(__name__)
 
-def merge_static_runs(frames: torch.Tensor, threshold: float, max_merged: int) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_static_runs(frames: torch.Tensor, threshold: float, max_merged: int,
+                      values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """FrameFusion's similarity merge of same-patch tokens in consecutive frames.
 
-    frames: `[T, P, D]`. Returns (survivor `[T*P]` bool mask in raster order, features `[T*P, D]`
-    where each survivor holds the mean of its run). At most `max_merged` tokens are merged: the
-    most similar ones (ties -> lower index).
+    frames: `[T, P, D]`, compared by cosine. Returns (survivor `[T*P]` bool mask in raster order,
+    features `[T*P, D']` where each survivor holds the mean of its run of `values` `[T*P, D']`,
+    by default the frames' own features). At most `max_merged` tokens are merged: the most
+    similar ones (ties -> lower index).
     """
     t, p, d = frames.shape
     merged = torch.zeros(t, p, dtype=torch.bool)
@@ -63,10 +65,10 @@ def merge_static_runs(frames: torch.Tensor, threshold: float, max_merged: int) -
     for f in range(1, t):
         anchor_frame[f] = torch.where(merged[f], anchor_frame[f - 1], torch.full((p,), f))
     anchor = (anchor_frame * p + torch.arange(p)).reshape(-1)
-    x = frames.reshape(t * p, d)
-    sums = torch.zeros(t * p, d, dtype=torch.float32).index_add_(0, anchor, x.float())
+    x = frames.reshape(t * p, d) if values is None else values
+    sums = torch.zeros(t * p, x.shape[-1], dtype=torch.float32).index_add_(0, anchor, x.float())
     counts = torch.bincount(anchor, minlength=t * p).clamp(min=1)
-    means = (sums / counts[:, None]).to(frames.dtype)
+    means = (sums / counts[:, None]).to(x.dtype)
     return ~merged.reshape(-1), means
 
 
@@ -97,5 +99,44 @@ class FrameFusion(PruningMethod):
         survivors = torch.nonzero(survivor).squeeze(1)
         logger.debug("framefusion: %d of %d tokens survive the merge; pruning by %s", survivors.numel(), n, signal)
         importance = tokens.signals[signal].float().reshape(-1)[survivors]
+        keep = survivors[topk_stable(importance, k)]
+        return sorted_selection(keep, means[keep])
+
+
+@register
+class FrameFusionLLM(PruningMethod):
+    """FrameFusion inside the LLM, as the authors run it: at decoder layer K (default 1, the layer
+    after the layer-0 merge) same-patch tokens of consecutive frames whose layer-0 inputs have
+    cosine >= S_th are merged into their run's earliest token (plain mean of the run's hidden
+    states there), then the survivors are pruned to the budget by the LAST prompt token's
+    attention at layer K-1 (head-averaged), the authors' importance. Original positions are kept.
+    Remaining difference from the code: one merge round (the code repeats it after each layer
+    while at least ratio_lower_bound=0.1 of the tokens still merge) and the count comes from the
+    budget rather than from `cost`. Needs the full token grid (no pre-LLM pruning before it)."""
+
+    name = "framefusion_llm"
+    summary = "inside the LLM at layer K: merge same-patch tokens of consecutive frames, prune by last-token attention"
+    requires = frozenset({"llm_attention_last", "input_embeds"})
+    stage = "inner_llm"
+
+    @dataclass
+    class Config:
+        layer: int = 1
+        similarity_lower_bound: float = 0.6  # S_th
+
+        def __post_init__(self) -> None:
+            if self.layer < 1:
+                raise ConfigError(f"framefusion_llm layer must be >= 1, got {self.layer}")
+
+    def select(self, tokens: VisualTokens, budget: Budget, ctx: PruneContext) -> Selection:
+        t, h, w = tokens.grid
+        n = len(tokens)
+        if n != t * h * w:
+            raise ConfigError("framefusion_llm needs every visual token of the grid (put no pre-LLM pruning before it)")
+        k = budget.count(n)
+        layer0 = tokens.signals["input_embeds"].reshape(t, h * w, -1)
+        survivor, means = merge_static_runs(layer0, self.config.similarity_lower_bound, n - k, values=tokens.features)
+        survivors = torch.nonzero(survivor).squeeze(1)
+        importance = tokens.signals["llm_attention_last"].float().reshape(-1)[survivors]
         keep = survivors[topk_stable(importance, k)]
         return sorted_selection(keep, means[keep])
