@@ -84,27 +84,35 @@ class LiberoPickPlaceExpert:
             raise ConfigError(f"the scripted LIBERO expert handles one (On|In obj target) goal, got {goals}")
         _, obj, target = goals[0]
         self.sim = sim_env.sim
+        self.sim_env, self.obj = sim_env, obj
         self.obj_body = self._body_id(sim_env.objects_dict[obj].root_body)
+        self.target_pos, self.target_top = self._target_location(sim_env, target)
+        self.side = 0.0
+        self._plan_grasp(choose_side=True)
+        self.quat0 = self._eef_quat()
+        self.phase = "above"
+        self.count = 0
+
+    def _plan_grasp(self, choose_side: bool) -> None:
+        """Grasp point, hold offset and carry height from the object's current bounding box."""
         lo, hi = self._aabb(self.obj_body)
         centre = self.sim.data.body_xpos[self.obj_body].copy()
         half = (hi - lo) / 2
         grasp = centre.copy()
         grasp[2] = max(hi[2] - self.GRASP_DEPTH, lo[2] + 0.015)
         if min(half[0], half[1]) > self.MAX_HALF_WIDTH:
-            # Straddle the wall at +y or -y, whichever side is farther from anything standing
-            # taller than the grasp height (the hand is wider than the fingers).
-            obstacles = [box for box in self._other_boxes(sim_env, exclude=obj) if box[1][2] > grasp[2]]
-            sides = [centre[:2] + np.array([0.0, s * (half[1] - self.RIM_INSET)]) for s in (1.0, -1.0)]
-            room = [min((_gap(p, box) for box in obstacles), default=1.0) for p in sides]
-            grasp[:2] = sides[int(np.argmax(room))]
+            if choose_side:
+                # Straddle the wall at +y or -y, whichever side is farther from anything standing
+                # taller than the grasp height (the hand is wider than the fingers).
+                obstacles = [b for b in self._other_boxes(self.sim_env, self.obj) if b[1][2] > grasp[2]]
+                sides = [centre[:2] + np.array([0.0, s * half[1]]) for s in (1.0, -1.0)]
+                room = [min((_gap(p, box) for box in obstacles), default=1.0) for p in sides]
+                self.side = 1.0 if room[0] >= room[1] else -1.0
+            grasp[1] += self.side * (half[1] - self.RIM_INSET)
         self.grasp = grasp
         self.grasp_from_bottom = grasp[2] - lo[2]
         self.offset = grasp - centre  # keeps the object where the gripper holds it
-        self.target_pos, self.target_top = self._target_location(sim_env, target)
         self.carry_z = max(hi[2], self.target_top + (hi[2] - lo[2])) + self.CLEARANCE
-        self.quat0 = self._eef_quat()
-        self.phase = "above"
-        self.count = 0
 
     # --- geometry ---------------------------------------------------------------------------
     def _body_id(self, name: str) -> int:
@@ -169,9 +177,8 @@ class LiberoPickPlaceExpert:
     def _reached(self, goal: np.ndarray, tol: float) -> bool:
         return bool(np.linalg.norm(goal - self._eef_pos()) < tol)
 
-    def act(self) -> np.ndarray:
-        """One step of the phase machine: each phase holds a waypoint until reached. [7]"""
-        self.count += 1
+    def _plan(self) -> dict[str, tuple[np.ndarray, float, float | int, str]]:
+        """Each phase: (waypoint, gripper command, tolerance in m or step count, next phase)."""
         above = np.array([self.grasp[0], self.grasp[1], self.carry_z])
         lifted = above.copy()
         place_xy = self.target_pos[:2] + self.offset[:2]
@@ -187,9 +194,16 @@ class LiberoPickPlaceExpert:
             "release": (lowered, -1.0, 10, "retreat"),
             "retreat": (over_target, -1.0, 0.0, "retreat"),
         }
-        goal, gripper, done_when, nxt = plan[self.phase]
+        return plan
+
+    def act(self) -> np.ndarray:
+        """One step of the phase machine: each phase holds a waypoint until reached. [7]"""
+        self.count += 1
+        goal, gripper, done_when, nxt = self._plan()[self.phase]
         finished = self.count >= done_when if isinstance(done_when, int) else self._reached(goal, done_when)
         if finished and nxt != self.phase:
             self.phase, self.count = nxt, 0
-            goal, gripper, _, _ = plan[self.phase]
+            if nxt == "descend":  # the object may have settled or been nudged since the start
+                self._plan_grasp(choose_side=False)
+            goal, gripper, _, _ = self._plan()[self.phase]
         return self._move(goal, gripper).astype(np.float32)
