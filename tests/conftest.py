@@ -69,3 +69,14 @@ def tiny_adapters(tiny_model_dirs: dict[str, Path]) -> dict:
     from streamprune.models import load_adapter
 
     return {family: load_adapter(path) for family, path in tiny_model_dirs.items()}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tests use tiny models: a second torch thread gains nothing and spins against other work."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

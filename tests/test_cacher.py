@@ -23,15 +23,6 @@ from streamprune.models.tiny import tiny_llava_onevision, tiny_qwen2_5_vl, word_
 NO_INTERVAL = 10_000
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models are tiny: one thread avoids fighting over the shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tower() -> SiglipVisionModel:
     torch.manual_seed(0)

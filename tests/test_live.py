@@ -25,13 +25,6 @@ log = logging.getLogger(__name__)
 TOKENS_PER_FRAME = 16  # tiny LLaVA-OV: 32 px, patch 4 -> 8x8 -> pooled 4x4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def llava_stages(tiny_model_dirs):

@@ -12,14 +12,6 @@ D = 16
 HW = torch.stack(torch.meshgrid(torch.arange(3), torch.arange(3), indexing="ij"), -1).reshape(-1, 2)  # [9, 2]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: extra threads only contend on the shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def scene(seed: int) -> torch.Tensor:
     return torch.randn(len(HW), D, generator=torch.Generator().manual_seed(seed))

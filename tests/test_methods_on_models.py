@@ -21,14 +21,6 @@ CASES = [f"method:{name}" for name in available()] + \
         [f"pipeline:{path.stem}" for path in sorted((CONFIG_DIR / "methods").glob("*.yaml"))]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and it spins against other work on 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def make_pipeline(case: str, retain: float) -> PruningPipeline:
     kind, name = case.split(":")

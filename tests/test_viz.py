@@ -20,14 +20,6 @@ from streamprune.videofile import write_video
 QUESTION = "what happens ?"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and it spins against other work on 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def viz_args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
