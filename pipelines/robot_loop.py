@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import statistics
 import sys
 import time
@@ -35,15 +34,10 @@ HELD_OUT_SEED = 100_000  # evaluation episodes use seeds from here; training use
 
 def default_policy_dir() -> Path:
     """The trained default VLA, or a tiny random one built once into the user cache."""
-    if (DEFAULT_POLICY_DIR / "config.json").is_file():
-        return DEFAULT_POLICY_DIR
+    from streamprune.models.default import trained_or_tiny
     from streamprune.models.tiny import save_tiny_vla
 
-    cache = Path(os.environ.get("STREAMPRUNE_CACHE", Path.home() / ".cache" / "streamprune")) / "tiny-vla"
-    if not (cache / "config.json").is_file():
-        log.warning("no trained default VLA found; building a tiny random one in %s", cache)
-        save_tiny_vla(cache, image_size=64)
-    return cache
+    return trained_or_tiny(DEFAULT_POLICY_DIR, "tiny-vla", lambda out: save_tiny_vla(out, image_size=64))
 
 
 def load_policy(path: str | None) -> VLAPolicy:

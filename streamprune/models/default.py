@@ -11,19 +11,26 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
 TRAINED_DIR = Path(__file__).resolve().parent.parent / "assets" / "default_videoqa"
 
 
+def trained_or_tiny(trained: Path, cache_name: str, build: Callable[[Path], Path]) -> Path:
+    """`trained` if that checkpoint is present, else a tiny random stand-in built once by
+    `build(dir)` into the user cache (a warning says its outputs are noise)."""
+    if (trained / "config.json").is_file():
+        return trained
+    cache = Path(os.environ.get("STREAMPRUNE_CACHE", Path.home() / ".cache" / "streamprune")) / cache_name
+    if not (cache / "config.json").is_file():
+        log.warning("no trained model at %s; building a tiny random stand-in in %s", trained, cache)
+        build(cache)
+    return cache
+
+
 def default_model_dir() -> Path:
-    if (TRAINED_DIR / "config.json").is_file():
-        return TRAINED_DIR
     from streamprune.models.tiny import save_tiny
 
-    cache = Path(os.environ.get("STREAMPRUNE_CACHE", Path.home() / ".cache" / "streamprune")) / "tiny-llava_onevision"
-    if not (cache / "config.json").is_file():
-        log.warning("no trained default model found; building a tiny random LLaVA-OneVision in %s", cache)
-        save_tiny("llava_onevision", cache)
-    return cache
+    return trained_or_tiny(TRAINED_DIR, "tiny-llava_onevision", lambda out: save_tiny("llava_onevision", out))
