@@ -64,6 +64,8 @@ class ModelSize:
     text_heads: int = 4
     text_kv_heads: int = 2
     text_intermediate: int = 256
+    init_std: float = 0.08  # text/projector Linear and Embedding init std (see build_model)
+    patch_gain: float = 3.0  # multiplier on SigLIP's LeCun-normal patch-embedding init (see build_model)
 
     @property
     def visual_tokens(self) -> int:
@@ -85,6 +87,11 @@ def build_model(tokenizer: PreTrainedTokenizerFast, size: ModelSize, seed: int) 
             "num_key_value_heads": size.text_kv_heads, "vocab_size": action_bins_needed(len(tokenizer)),
             "max_position_embeddings": 512, "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id, "bos_token_id": None,
+            # transformers' 0.02 default suits ~1000-wide models; at width 128 it shrinks every
+            # projector/decoder layer's output ~4x, attention starts uniform and BC sat on a plateau
+            # predicting the action marginal. ~1/sqrt(width) keeps activations O(1). (The SigLIP
+            # tower keeps its own Xavier/LeCun init.)
+            "initializer_range": size.init_std,
         },
         video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
@@ -92,7 +99,31 @@ def build_model(tokenizer: PreTrainedTokenizerFast, size: ModelSize, seed: int) 
         vision_feature_layer=-1,
         image_grid_pinpoints=[[size.image_size, size.image_size]],
     )
-    return LlavaOnevisionForConditionalGeneration(config)
+    model = LlavaOnevisionForConditionalGeneration(config)
+    tower = model.model.vision_tower
+    embeddings = getattr(tower, "vision_model", tower).embeddings.position_embedding
+    with torch.no_grad():
+        embeddings.weight.copy_(sincos_2d(size.image_size // size.patch_size, size.vision_hidden))
+        # LeCun init assumes varied unit-variance pixels; these images are a flat dark table with a
+        # few small objects, so an object or the agent cross moves its visual token by only ~1/3 of
+        # the token's norm and the decoder barely sees it at first. A larger gain makes content as
+        # strong as position from step 0.
+        getattr(tower, "vision_model", tower).embeddings.patch_embedding.weight.mul_(size.patch_gain)
+    return model
+
+
+def sincos_2d(side: int, dim: int, base: float = 100.0) -> torch.Tensor:
+    """MAE-style fixed 2-D sin-cos table `[side*side, dim]` (raster order), used to initialise
+    SigLIP's learned position embeddings: with random ones the patch positions are not linearly
+    readable yet and training sat on a plateau predicting the action marginal for hundreds of steps."""
+    quarter = dim // 4
+    omega = base ** (-torch.arange(quarter, dtype=torch.float32) / max(1, quarter - 1))
+    ys, xs = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32),
+                            indexing="ij")
+    x = xs.reshape(-1, 1) * omega
+    y = ys.reshape(-1, 1) * omega
+    table = torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)
+    return F.pad(table, (0, dim - table.shape[1]))
 
 
 @dataclass
@@ -238,11 +269,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-episodes", type=int, default=100, help="closed-loop validation episodes (seeds 90000+)")
     p.add_argument("--heldout-episodes", type=int, default=100,
                    help="held-out episodes (seeds 100000+) scored once at the end through VLAPolicy (0 = skip)")
+    p.add_argument("--init-from", metavar="DIR", help="start from the weights in DIR (a previous --out) instead of "
+                   "a fresh init; its config replaces the model-size flags")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1: on the shared 2-core machine 2 threads measured slower per step)")
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop training after this long (0 = no limit)")
     for f in ModelSize.__dataclass_fields__.values():
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default, help=f"model size: {f.name}")
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default, help=f"model size: {f.name}")
     return p.parse_args(argv)
 
 
@@ -254,7 +287,12 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     size = ModelSize(**{f: getattr(args, f) for f in ModelSize.__dataclass_fields__})
     tokenizer = word_tokenizer(WORDS)
-    model = build_model(tokenizer, size, args.seed)
+    if args.init_from:  # continue from an earlier run's checkpoint (its config overrides the size flags)
+        model = LlavaOnevisionForConditionalGeneration.from_pretrained(args.init_from, local_files_only=True)
+        vision = model.config.vision_config
+        size.image_size, size.patch_size = vision.image_size, vision.patch_size
+    else:
+        model = build_model(tokenizer, size, args.seed)
     model.train()
     actions = ActionTokenizer(vocab_size=model.config.text_config.vocab_size, dims=ACTION_DIM)
     n_params = sum(p.numel() for p in model.parameters())
@@ -327,6 +365,7 @@ def main(argv: list[str] | None = None) -> dict:
     (out / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
     metrics = {
         "seed": args.seed, "env": PICKCOLOR_ID, "args": vars(args), "model_size": asdict(size),
+        "init_from": args.init_from,
         "parameters": n_params, "visual_tokens": size.visual_tokens,
         "data": {"episodes": demos.episodes, "train_seeds": [0, demos.episodes - 1], "states": len(demos.actions),
                  "dart_noise_max": args.noise, "noisy_expert_success": demos.expert_success},
