@@ -76,7 +76,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_model(tokenizer: PreTrainedTokenizerFast, size: ModelSize, seed: int,
-                init_std: float = 0.08) -> LlavaOnevisionForConditionalGeneration:
+                init_std: float = 0.12) -> LlavaOnevisionForConditionalGeneration:
     """`init_std` replaces the 0.02 of large checkpoints: at this width, 0.02 leaves attention
     near-uniform for thousands of steps (the model learns the answer prior and stalls)."""
     torch.manual_seed(seed)
@@ -192,18 +192,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="directory to write the checkpoint, tokenizer and metrics to")
     p.add_argument("--seed", type=int, default=0, help="model init and question sampling seed")
-    p.add_argument("--num-frames", type=int, default=qa.NUM_FRAMES, help="frames per clip (the model's video length)")
+    p.add_argument("--num-frames", type=int, default=8,
+                   help="frames per clip, the model's video length (16 needs ~2x the compute per step)")
     p.add_argument("--steps", type=int, default=3000, help="optimizer steps (cosine schedule over these)")
-    p.add_argument("--batch-size", type=int, default=16, help="clips per step (each with all its questions)")
+    p.add_argument("--batch-size", type=int, default=8, help="clips per step (each with all its questions)")
     p.add_argument("--questions-per-row", type=int, default=8,
                    help="questions packed after each training clip (one pass over the video supervises all)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
-    p.add_argument("--warmup", type=int, default=150, help="linear warm-up steps")
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
     p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--init-std", type=float, default=0.08, help="std of the normal init of text and projector weights")
-    p.add_argument("--eval-every", type=int, default=250, help="steps between validation runs")
-    p.add_argument("--val-clips", type=int, default=150, help="validation clips (2 random questions each)")
+    p.add_argument("--init-std", type=float, default=0.12, help="std of the normal init of text and projector weights")
+    p.add_argument("--eval-every", type=int, default=200, help="steps between validation runs")
+    p.add_argument("--val-clips", type=int, default=100, help="validation clips (2 random questions each)")
     p.add_argument("--test-clips", type=int, default=400, help="test clips (2 random questions each), scored at the end")
+    p.add_argument("--init-from", default=None, help="start from this checkpoint's weights (a stage-2 run)")
+    p.add_argument("--start-clip", type=int, default=0, help="first train clip index (stage 2: past stage 1's clips)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1 wastes least on a shared, oversubscribed CPU)")
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop training after this long (0 = no limit)")
@@ -221,6 +224,9 @@ def main(argv: list[str] | None = None) -> dict:
     size = ModelSize(**{f: getattr(args, f) for f in ModelSize.__dataclass_fields__})
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, size, args.seed, args.init_std)
+    if args.init_from:  # continue a previous run (its sizes must match): weights only, fresh optimizer
+        model.load_state_dict(LlavaOnevisionForConditionalGeneration.from_pretrained(args.init_from).state_dict())
+        log.info("initialised from %s", args.init_from)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2fM parameters, vocab %d", n_params / 1e6, len(tokenizer))
@@ -232,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
     t0 = time.perf_counter()
     history, best, best_state, clips_seen = [], -1.0, None, 0
-    stream = train_batches(args.batch_size, args.questions_per_row, args.seed, args.num_frames)
+    stream = train_batches(args.batch_size, args.questions_per_row, args.seed, args.num_frames, args.start_clip)
     bar = tqdm(range(args.steps), desc="train", dynamic_ncols=True)
     running_loss, running_acc, step = 0.0, 0.0, 0
     for step in bar:
