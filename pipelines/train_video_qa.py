@@ -1,11 +1,13 @@
 """Train the default Video-LLM: a small LLaVA-OneVision, from scratch, on synthetic video QA.
 
     python -m pipelines.train_video_qa --out streamprune/assets/default_videoqa --seed 0
+    # optional second stage, from the first one's weights, on later train clips:
+    python -m pipelines.train_video_qa --out DIR2 --init-from DIR --start-clip 24000 --warmup 50 ...
 
 The model is the real `transformers.LlavaOnevisionForConditionalGeneration` (SigLIP vision tower,
 2-layer MLP projector, 2x2 bilinear pooling, Qwen2 decoder) at a tiny size, with a word-level
 tokenizer. Inputs are laid out exactly as the streamprune LLaVA-OneVision adapter lays them out at
-inference: frames through `square_pixels` (SigLIP normalisation), ids = prefix + <video> x (T*16+1)
+inference: T=8 frames (--num-frames; 16 doubles the cost per step and was not trained here) through `square_pixels` (SigLIP normalisation), ids = prefix + <video> x (T*16+1)
 + suffix (the +1 is the image_newline the model appends after a video's frame tokens), and the
 answer word + <eos> as the only labelled tokens. Clips come from
 `streamprune.data.synthetic_qa` (train seeds only); validation picks the checkpoint, the test split
@@ -192,7 +194,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="directory to write the checkpoint, tokenizer and metrics to")
     p.add_argument("--seed", type=int, default=0, help="model init and question sampling seed")
-    p.add_argument("--num-frames", type=int, default=8,
+    p.add_argument("--num-frames", type=int, default=qa.NUM_FRAMES,
                    help="frames per clip, the model's video length (16 needs ~2x the compute per step)")
     p.add_argument("--steps", type=int, default=3000, help="optimizer steps (cosine schedule over these)")
     p.add_argument("--batch-size", type=int, default=8, help="clips per step (each with all its questions)")

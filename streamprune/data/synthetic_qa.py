@@ -1,9 +1,9 @@
 """Synthetic video question answering: moving coloured shapes, one-word answers that need where and when.
 
-Each clip is `NUM_FRAMES` frames of `SIZE`x`SIZE` RGB on black. Two to four objects (distinct colours,
-shape square/circle/triangle, side 12-16 px) appear one after another (at least 3 frames
-apart), move in a straight line along one axis, may disappear before the end, and one of them may
-change colour once. Objects never touch, so every answer can be recomputed from the pixels.
+Each clip is `NUM_FRAMES` (8; any length >= 8) frames of `SIZE`x`SIZE` RGB on black. Two to four
+objects (three at most at 8 frames; distinct colours, shape square/circle/triangle, side 12-16 px)
+appear one after another (at least 2 frames apart at 8 frames, 3 at 16), move in a straight line
+along one axis, may disappear before the end, and one of them may change colour once. Objects never touch, so every answer can be recomputed from the pixels.
 
 Questions (one word answers, vocabulary in `VOCAB`); a clip supports 9-15 of them:
   last_colour  what colour is the object that appeared last ?          -> colour
@@ -33,7 +33,7 @@ from streamprune.errors import ConfigError
 log = logging.getLogger(__name__)
 
 DATA_VERSION = "2"
-NUM_FRAMES = 16
+NUM_FRAMES = 8  # what the default model was trained on; 16 (the original design) also works
 SIZE = 64
 MARGIN = 2  # pixels kept free between any two objects
 
