@@ -286,7 +286,6 @@ def ray_cluster():
     ray.shutdown()
 
 
-@pytest.mark.slow
 def test_ray_encoder_killed_mid_stream_restarts_and_keeps_answering(ray_cluster, tiny_model_dirs):
     from streamprune.pipeline.live import RayStages
 
