@@ -292,6 +292,9 @@ def main(argv: list[str] | None = None) -> dict:
         "accuracy": {"train": train_res, "val": val_res, "test": test_res},
         "history": history,
     }
+    previous = Path(args.init_from or "") / "train_metrics.json"
+    if args.init_from and previous.is_file():  # keep the whole recipe in one file
+        metrics["previous_stage"] = json.loads(previous.read_text())
     (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
