@@ -128,8 +128,9 @@ def sincos_2d(side: int, dim: int, base: float = 100.0) -> torch.Tensor:
 
 @dataclass
 class Demos:
-    """Visited states and the expert's labels: images `[N, S, S, 3]` uint8, instruction index `[N]`
-    into `instructions`, actions `[N, 2]` float32."""
+    """Visited states and expert labels. images `[S, H, W, 3]` uint8; per state and object k (k=0 is
+    the episode's own target): instruction index `[S, K]` into `instructions` and the expert's action
+    towards that object `[S, K, 2]`."""
 
     images: np.ndarray
     instruction: np.ndarray
@@ -137,6 +138,24 @@ class Demos:
     instructions: list[str]
     episodes: int
     expert_success: float
+
+
+def expert_towards_all(env) -> tuple[list[str], list[np.ndarray]]:
+    """The expert's instruction and action for every object in the scene, the episode's target
+    first: the expert of "reach X" is defined at any state, so each image teaches every object."""
+    base = env.unwrapped
+    own = base.target
+    order = [own] + [k for k in range(len(base.objects)) if k != own]
+    texts, acts = [], []
+    try:
+        for k in order:
+            base.target = k
+            colour, shape, _ = base.objects[k]
+            texts.append(f"reach the {colour} {shape}")
+            acts.append(base.expert_action())
+    finally:
+        base.target = own
+    return texts, acts
 
 
 def collect(episodes: int, first_seed: int, noise: float, image_size: int, seed: int) -> Demos:
@@ -151,17 +170,17 @@ def collect(episodes: int, first_seed: int, noise: float, image_size: int, seed:
         obs, _ = env.reset(seed=first_seed + episode)
         sigma = rng.uniform(0.0, noise)
         while True:
-            expert = env.unwrapped.expert_action()
+            texts, acts = expert_towards_all(env)
             images.append(obs["image"])
-            which.append(index[obs["instruction"]])
-            actions.append(expert)
-            executed = np.clip(expert + rng.normal(0.0, sigma, ACTION_DIM), -1.0, 1.0)
+            which.append([index[t] for t in texts])
+            actions.append(acts)
+            executed = np.clip(acts[0] + rng.normal(0.0, sigma, ACTION_DIM), -1.0, 1.0)
             obs, _, terminated, truncated, info = env.step(executed)
             if terminated or truncated:
                 successes += bool(info["is_success"])
                 break
     env.close()
-    return Demos(np.stack(images), np.asarray(which), np.stack(actions).astype(np.float32), instructions,
+    return Demos(np.stack(images), np.asarray(which), np.asarray(actions, dtype=np.float32), instructions,
                  episodes, successes / episodes)
 
 
@@ -258,22 +277,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--episodes", type=int, default=4000, help="expert demonstration episodes (seeds 0..N-1)")
     p.add_argument("--noise", type=float, default=0.4,
                    help="DART: per-episode action-noise std drawn from U(0, NOISE) (default 0.4)")
-    p.add_argument("--steps", type=int, default=2400, help="optimizer steps (cosine schedule over these)")
-    p.add_argument("--batch-size", type=int, default=48, help="states per step")
-    p.add_argument("--lr", type=float, default=1.5e-3, help="peak AdamW learning rate")
+    p.add_argument("--steps", type=int, default=1500, help="optimizer steps (cosine schedule over these)")
+    p.add_argument("--batch-size", type=int, default=64, help="states per step")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
     p.add_argument("--warmup", type=int, default=150, help="linear warm-up steps")
     p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--all-objects", action=argparse.BooleanOptionalAction, default=False,
+                   help="train each state towards every object in it (the expert's action for each "
+                   "instruction), not only the episode's target (default off)")
     p.add_argument("--label-sigma", type=float, default=2.0,
                    help="std (in bins) of the Gaussian target over neighbouring action bins; 0 = one-hot")
-    p.add_argument("--eval-every", type=int, default=300, help="steps between closed-loop validation runs")
-    p.add_argument("--val-episodes", type=int, default=100, help="closed-loop validation episodes (seeds 90000+)")
+    p.add_argument("--eval-every", type=int, default=200, help="steps between closed-loop validation runs")
+    p.add_argument("--val-episodes", type=int, default=50, help="closed-loop validation episodes (seeds 90000+)")
     p.add_argument("--heldout-episodes", type=int, default=100,
                    help="held-out episodes (seeds 100000+) scored once at the end through VLAPolicy (0 = skip)")
     p.add_argument("--init-from", metavar="DIR", help="start from the weights in DIR (a previous --out) instead of "
                    "a fresh init; its config replaces the model-size flags")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1: on the shared 2-core machine 2 threads measured slower per step)")
-    p.add_argument("--max-minutes", type=float, default=0.0, help="stop training after this long (0 = no limit)")
+    p.add_argument("--max-minutes", type=float, default=30.0, help="stop training after this long (0 = no limit)")
     for f in ModelSize.__dataclass_fields__.values():
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default, help=f"model size: {f.name}")
     return p.parse_args(argv)
@@ -303,7 +325,9 @@ def main(argv: list[str] | None = None) -> dict:
     log.info("demos: %d states from %d episodes (noisy expert success %.2f)", len(demos.actions), demos.episodes,
              demos.expert_success)
     batcher = Batcher(tokenizer, size, demos.instructions, actions)
-    target_ids = torch.tensor([actions.to_ids(a) for a in demos.actions])  # [N, 2]
+    objects = demos.actions.shape[1] if args.all_objects else 1
+    target_ids = torch.tensor([[actions.to_ids(a) for a in per_state[:objects]] for per_state in demos.actions])
+    states_per_batch = max(1, args.batch_size // objects)  # [S, K, 2] ids; each state with all K targets
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
@@ -318,12 +342,13 @@ def main(argv: list[str] | None = None) -> dict:
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        if cursor + args.batch_size > len(order):
+        if cursor + states_per_batch > len(order):
             order, cursor = rng.permutation(len(demos.actions)), 0
-        rows = order[cursor:cursor + args.batch_size]
-        cursor += args.batch_size
-        ids = target_ids[rows]
-        batch = batcher.inputs(demos.images[rows], [demos.instructions[i] for i in demos.instruction[rows]], ids[:, 0])
+        rows = order[cursor:cursor + states_per_batch]
+        cursor += states_per_batch
+        ids = target_ids[rows].reshape(-1, ACTION_DIM)  # [B, 2]: state-major, its K targets together
+        texts = [demos.instructions[i] for i in demos.instruction[rows, :objects].reshape(-1)]
+        batch = batcher.inputs(np.repeat(demos.images[rows], objects, axis=0), texts, ids[:, 0])
         logits = action_logits(model, batch, actions, ACTION_DIM)  # [B, 2, bins]
         bins = ids - actions.first_id
         target = smooth_targets(bins, actions.bins, args.label_sigma)
@@ -368,6 +393,7 @@ def main(argv: list[str] | None = None) -> dict:
         "init_from": args.init_from,
         "parameters": n_params, "visual_tokens": size.visual_tokens,
         "data": {"episodes": demos.episodes, "train_seeds": [0, demos.episodes - 1], "states": len(demos.actions),
+                 "targets_per_state": objects,
                  "dart_noise_max": args.noise, "noisy_expert_success": demos.expert_success},
         "steps": step + 1, "train_minutes": round(train_minutes, 2), "threads": args.threads,
         "torch": torch.__version__, "best_val_success": best, "history": history,
