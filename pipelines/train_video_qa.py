@@ -34,6 +34,7 @@ from tokenizers.pre_tokenizers import Whitespace
 from tqdm import tqdm
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, PreTrainedTokenizerFast
 
+from pipelines.small_init import strengthen_vision_init
 from streamprune.data import synthetic_qa as qa
 from streamprune.models.preprocess import square_pixels
 from streamprune.models.prompt import SIDECAR, build_prompt_ids
@@ -77,10 +78,12 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-def build_model(tokenizer: PreTrainedTokenizerFast, size: ModelSize, seed: int,
-                init_std: float = 0.12) -> LlavaOnevisionForConditionalGeneration:
+def build_model(tokenizer: PreTrainedTokenizerFast, size: ModelSize, seed: int, init_std: float = 0.12,
+                patch_gain: float = 3.0) -> LlavaOnevisionForConditionalGeneration:
     """`init_std` replaces the 0.02 of large checkpoints: at this width, 0.02 leaves attention
-    near-uniform for thousands of steps (the model learns the answer prior and stalls)."""
+    near-uniform for thousands of steps (the model learns the answer prior and stalls).
+    `patch_gain` and the sin-cos positions: see `pipelines.small_init` (shape questions stalled
+    near chance while colour ones were solved, i.e. the tower's content features were too weak)."""
     torch.manual_seed(seed)
     config = LlavaOnevisionConfig(
         vision_config={
@@ -102,7 +105,9 @@ def build_model(tokenizer: PreTrainedTokenizerFast, size: ModelSize, seed: int,
         vision_feature_layer=-1,
         image_grid_pinpoints=[[size.image_size, size.image_size]],
     )
-    return LlavaOnevisionForConditionalGeneration(config)
+    model = LlavaOnevisionForConditionalGeneration(config)
+    strengthen_vision_init(model, patch_gain)
+    return model
 
 
 def collate(clips: list[tuple[np.ndarray, list[tuple[str, str]]]], tokenizer: PreTrainedTokenizerFast,
@@ -207,6 +212,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=200, help="steps between validation runs")
     p.add_argument("--val-clips", type=int, default=100, help="validation clips (2 random questions each)")
     p.add_argument("--test-clips", type=int, default=400, help="test clips (2 random questions each), scored at the end")
+    p.add_argument("--patch-gain", type=float, default=3.0,
+                   help="multiplier on the SigLIP patch-embedding init (1 = stock), see pipelines.small_init")
     p.add_argument("--init-from", default=None, help="start from this checkpoint's weights (a stage-2 run)")
     p.add_argument("--start-clip", type=int, default=0, help="first train clip index (stage 2: past stage 1's clips)")
     p.add_argument("--threads", type=int, default=1,
@@ -225,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     size = ModelSize(**{f: getattr(args, f) for f in ModelSize.__dataclass_fields__})
     tokenizer = build_tokenizer()
-    model = build_model(tokenizer, size, args.seed, args.init_std)
+    model = build_model(tokenizer, size, args.seed, args.init_std, args.patch_gain)
     if args.init_from:  # continue a previous run (its sizes must match): weights only, fresh optimizer
         model.load_state_dict(LlavaOnevisionForConditionalGeneration.from_pretrained(args.init_from).state_dict())
         log.info("initialised from %s", args.init_from)

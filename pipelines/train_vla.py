@@ -37,6 +37,7 @@ from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGener
 
 from envs import PICKCOLOR_ID, make_env
 from envs.pickcolor import COLOURS, SHAPES
+from pipelines.small_init import strengthen_vision_init
 from streamprune.models.preprocess import square_pixels
 from streamprune.models.prompt import SIDECAR, build_prompt_ids
 from streamprune.models.tiny import word_tokenizer
@@ -100,30 +101,8 @@ def build_model(tokenizer: PreTrainedTokenizerFast, size: ModelSize, seed: int) 
         image_grid_pinpoints=[[size.image_size, size.image_size]],
     )
     model = LlavaOnevisionForConditionalGeneration(config)
-    tower = model.model.vision_tower
-    embeddings = getattr(tower, "vision_model", tower).embeddings.position_embedding
-    with torch.no_grad():
-        embeddings.weight.copy_(sincos_2d(size.image_size // size.patch_size, size.vision_hidden))
-        # LeCun init assumes varied unit-variance pixels; these images are a flat dark table with a
-        # few small objects, so an object or the agent cross moves its visual token by only ~1/3 of
-        # the token's norm and the decoder barely sees it at first. A larger gain makes content as
-        # strong as position from step 0.
-        getattr(tower, "vision_model", tower).embeddings.patch_embedding.weight.mul_(size.patch_gain)
+    strengthen_vision_init(model, size.patch_gain)  # without it BC sat on the action-marginal plateau
     return model
-
-
-def sincos_2d(side: int, dim: int, base: float = 100.0) -> torch.Tensor:
-    """MAE-style fixed 2-D sin-cos table `[side*side, dim]` (raster order), used to initialise
-    SigLIP's learned position embeddings: with random ones the patch positions are not linearly
-    readable yet and training sat on a plateau predicting the action marginal for hundreds of steps."""
-    quarter = dim // 4
-    omega = base ** (-torch.arange(quarter, dtype=torch.float32) / max(1, quarter - 1))
-    ys, xs = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32),
-                            indexing="ij")
-    x = xs.reshape(-1, 1) * omega
-    y = ys.reshape(-1, 1) * omega
-    table = torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)
-    return F.pad(table, (0, dim - table.shape[1]))
 
 
 @dataclass

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from streamprune.data.synthetic_qa import (
-    ANSWERS, NUM_FRAMES, PALETTE, QUESTION_TYPES, SIZE, SPLITS, VOCAB, QAItem, clip_seed, generate_clip, make_items, write_video,
+    ANSWERS, NUM_FRAMES, PALETTE, QUESTION_TYPES, SIZE, SPLITS, VOCAB, QAItem, clip_seed, generate_clip, make_items,
 )
 from streamprune.errors import ConfigError
+from streamprune.videofile import write_video
 
 
 # --- an independent checker: blobs per frame -> tracks -> answers ------------------------------
@@ -138,7 +139,7 @@ def test_answers_are_not_guessable_from_the_question_alone():
 
 def test_write_video_is_decodable_h264_with_the_same_content(tmp_path):
     clip = generate_clip(7).frames
-    path = write_video(clip, tmp_path / "clip.mp4")
+    path = write_video(tmp_path / "clip.mp4", clip, fps=8)
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         assert stream.codec_context.name == "h264"
