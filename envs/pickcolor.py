@@ -161,8 +161,12 @@ class PickColorEnv(gym.Env):
         col = min(int(self.agent[0] * size), size - 1)
         row = min(int(self.agent[1] * size), size - 1)
         arm = max(1, size // 21)  # a plus sign ~7 px wide at 64x64
-        img[max(row - arm, 0) : row + arm + 1, col] = AGENT_COLOUR
-        img[row, max(col - arm, 0) : col + arm + 1] = AGENT_COLOUR
+        # strokes 2 px thick at 64x64: a 1 px cross moves a 4 px patch's embedding too little for a
+        # small policy to find it early in training
+        lo, hi = (row, row + 1) if size < 48 else (max(row - 1, 0), row + 1)
+        left, right = (col, col + 1) if size < 48 else (max(col - 1, 0), col + 1)
+        img[max(row - arm, 0) : row + arm + 1, left:right] = AGENT_COLOUR
+        img[lo:hi, max(col - arm, 0) : col + arm + 1] = AGENT_COLOUR
         return img
 
     def _distance(self) -> float:

@@ -137,10 +137,11 @@ def expert_towards_all(env) -> tuple[list[str], list[np.ndarray]]:
     return texts, acts
 
 
-def collect(episodes: int, first_seed: int, noise: float, image_size: int, seed: int) -> Demos:
+def collect(episodes: int, first_seed: int, noise: float, image_size: int, seed: int, objects: int = 3) -> Demos:
     """Roll out the expert with DART noise: executed = clip(expert + N(0, sigma^2)), sigma drawn per
-    episode from U(0, noise) so the data holds both clean and perturbed trajectories."""
-    env = make_env(PICKCOLOR_ID, image_size=image_size)
+    episode from U(0, noise) so the data holds both clean and perturbed trajectories. `objects` per
+    scene: 1 makes a curriculum stage with nothing to ground (only: find the object and the cross)."""
+    env = make_env(PICKCOLOR_ID, image_size=image_size, n_objects=objects)
     rng = np.random.default_rng(seed)
     instructions = sorted(f"reach the {c} {s}" for c in COLOURS for s in SHAPES)
     index = {text: i for i, text in enumerate(instructions)}
@@ -261,6 +262,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
     p.add_argument("--warmup", type=int, default=150, help="linear warm-up steps")
     p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--demo-objects", type=int, default=3,
+                   help="objects per demonstration scene; 1 = curriculum stage 1, where the policy learns "
+                   "to find the object and the agent before it has to read the instruction (default 3)")
     p.add_argument("--all-objects", action=argparse.BooleanOptionalAction, default=False,
                    help="train each state towards every object in it (the expert's action for each "
                    "instruction), not only the episode's target (default off)")
@@ -300,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
     log.info("model: %.2fM parameters, vocab %d, %d visual tokens", n_params / 1e6,
              model.config.text_config.vocab_size, size.visual_tokens)
 
-    demos = collect(args.episodes, 0, args.noise, size.image_size, args.seed)
+    demos = collect(args.episodes, 0, args.noise, size.image_size, args.seed, args.demo_objects)
     log.info("demos: %d states from %d episodes (noisy expert success %.2f)", len(demos.actions), demos.episodes,
              demos.expert_success)
     batcher = Batcher(tokenizer, size, demos.instructions, actions)
