@@ -195,7 +195,7 @@ class VideoLLMAdapter(ABC):
             if inner is not None and index == inner.layer - 1:
                 inner.observe(layer, hidden, rope)
             hidden_in = hidden
-            hidden = layer(hidden, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=True)
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=rope, cache=cache, use_cache=True)
             if after_layer is not None:
                 after_layer(index, layer, hidden_in, rope, cache)
         return lm.norm(hidden)[0]
