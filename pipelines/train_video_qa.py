@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
@@ -112,7 +113,7 @@ def build_model(tokenizer: PreTrainedTokenizerFast, size: ModelSize, seed: int, 
 
 def collate(clips: list[tuple[np.ndarray, list[tuple[str, str]]]], tokenizer: PreTrainedTokenizerFast,
             size: ModelSize) -> dict[str, torch.Tensor]:
-    """(frames `[T, H, W, 3]`, [(question, answer), ...]) per row -> model inputs: pixel_values_videos
+    """(frames `[T, H, W, 3]`, [(question, answer), ...][, objects]) per row -> model inputs: pixel_values_videos
     `[B, T, 3, S, S]`, input_ids/attention_mask/labels `[B, L]` (right padded).
 
     A row is the prompt of the first question followed, in training, by the clip's other questions
@@ -120,7 +121,7 @@ def collate(clips: list[tuple[np.ndarray, list[tuple[str, str]]]], tokenizer: Pr
     question of the clip. Only answer words and their <eos> are labelled."""
     video_id = tokenizer.convert_tokens_to_ids("<video>")
     rows, labels = [], []
-    for frames, pairs in clips:
+    for frames, pairs, *_ in clips:
         ids, lab = [], []
         for k, (question, answer) in enumerate(pairs):
             prompt = build_prompt_ids(tokenizer, question, PROMPT_TEMPLATE)
@@ -134,11 +135,70 @@ def collate(clips: list[tuple[np.ndarray, list[tuple[str, str]]]], tokenizer: Pr
     length = max(map(len, rows))
     pad = tokenizer.pad_token_id
     return {
-        "pixel_values_videos": torch.stack([square_pixels(frames, size.image_size) for frames, _ in clips]),
+        "pixel_values_videos": torch.stack([square_pixels(frames, size.image_size) for frames, *_ in clips]),
         "input_ids": torch.tensor([r + [pad] * (length - len(r)) for r in rows]),
         "attention_mask": torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows]),
         "labels": torch.tensor([lab + [IGNORE] * (length - len(lab)) for lab in labels]),
     }
+
+
+def object_maps(objects: list[qa.SceneObject], num_frames: int, side: int = qa.SIZE) -> np.ndarray:
+    """`[T, side, side]` int8: index of the object drawn at each pixel, -1 for background."""
+    maps = np.full((num_frames, side, side), -1, np.int8)
+    for k, obj in enumerate(objects):
+        stamp = qa.shape_mask(obj.shape, obj.size)
+        for t in range(obj.appear, min(obj.disappear, num_frames)):
+            x0, y0, _, _ = obj.box(t)
+            maps[t, y0:y0 + obj.size, x0:x0 + obj.size][stamp] = k
+    return maps
+
+
+def dense_labels(objects: list[qa.SceneObject], num_frames: int, patches: int) -> tuple[np.ndarray, ...]:
+    """Per-frame targets of the auxiliary losses. On the `patches`x`patches` patch grid: shape and
+    colour class (0 = background) of the object covering most of a patch (at least a quarter of it).
+    On the pooled grid (half as many rows and columns): the direction the object covering most of a
+    cell has been moving (-100 where no object covers a quarter of the cell, or at its first frame)."""
+    maps = object_maps(objects, num_frames)
+    out = []
+    for grid in (patches, patches // 2):
+        block = maps.shape[1] // grid
+        counts = np.stack([(maps == k).reshape(num_frames, grid, block, grid, block).sum((2, 4))
+                           for k in range(len(objects))], -1)  # [T, g, g, K]
+        owner = np.where(counts.max(-1) * 4 >= block * block, counts.argmax(-1), -1)
+        out.append(owner)
+    patch_owner, cell_owner = out
+    shape = np.zeros(patch_owner.shape, np.int64)
+    colour = np.zeros(patch_owner.shape, np.int64)
+    direction = np.full(cell_owner.shape, IGNORE, np.int64)
+    for k, obj in enumerate(objects):
+        for t in range(num_frames):
+            shape[t][patch_owner[t] == k] = 1 + qa.SHAPES.index(obj.shape)
+            colour[t][patch_owner[t] == k] = 1 + qa.COLOURS.index(obj.colour_at(t))
+            if t > obj.appear:
+                direction[t][cell_owner[t] == k] = qa.DIRECTIONS.index(obj.direction)
+    return shape, colour, direction
+
+
+class DenseHeads(torch.nn.Module):
+    """Auxiliary heads used only in training (not saved): per patch, from the projector's output,
+    the shape and colour of the object there; per visual token, from the decoder's last hidden
+    state, the way that object has been moving. The question-answer loss alone teaches shapes and
+    motion slowly (they stalled near chance while colour questions were solved); these dense
+    targets give every token a label."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.shape = torch.nn.Linear(width, 1 + len(qa.SHAPES))
+        self.colour = torch.nn.Linear(width, 1 + len(qa.COLOURS))
+        self.direction = torch.nn.Linear(width, len(qa.DIRECTIONS))
+
+    def loss(self, patch_features: torch.Tensor, token_hidden: torch.Tensor, labels: list[tuple]) -> torch.Tensor:
+        """patch_features `[B*T, P, W]`, token_hidden `[B, T*C, W]`; labels per row from `dense_labels`."""
+        shape, colour, direction = (torch.from_numpy(np.stack([lab[i] for lab in labels])).reshape(-1) for i in range(3))
+        flat = patch_features.reshape(-1, patch_features.shape[-1])
+        tokens = token_hidden.reshape(-1, token_hidden.shape[-1])
+        return (F.cross_entropy(self.shape(flat), shape) + F.cross_entropy(self.colour(flat), colour)
+                + F.cross_entropy(self.direction(tokens), direction, ignore_index=IGNORE))
 
 
 def exact_match(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -174,18 +234,21 @@ def evaluate(model, items: list[qa.QAItem], tokenizer, size: ModelSize, batch_si
     return {"accuracy": overall, "per_type": per_type, "n": sum(map(len, hits.values()))}
 
 
-def train_batches(batch_size: int, per_row: int, seed: int, num_frames: int, start_clip: int = 0):
+def train_batches(batch_size: int, per_row: int, seed: int, num_frames: int, start_clip: int = 0,
+                  types: tuple[str, ...] = qa.QUESTION_TYPES):
     """Endless stream of (rows, clips used so far): consecutive train clips, each with up to
-    `per_row` of its questions in a random order."""
+    `per_row` of its questions of `types` in a random order (clips with none are skipped)."""
     rng = np.random.default_rng(seed)
     index = start_clip
     while True:
         rows = []
-        for _ in range(batch_size):
+        while len(rows) < batch_size:
             clip = qa.generate_clip(qa.clip_seed("train", index), num_frames)
-            order = rng.permutation(len(clip.questions))[:per_row]
-            rows.append((clip.frames, [clip.questions[i][1:] for i in order]))
             index += 1
+            questions = [q[1:] for q in clip.questions if q[0] in types]
+            if questions:
+                order = rng.permutation(len(questions))[:per_row]
+                rows.append((clip.frames, [questions[i] for i in order], clip.objects))
         yield rows, index
 
 
@@ -216,6 +279,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="multiplier on the SigLIP patch-embedding init (1 = stock), see pipelines.small_init")
     p.add_argument("--init-from", default=None, help="start from this checkpoint's weights (a stage-2 run)")
     p.add_argument("--start-clip", type=int, default=0, help="first train clip index (stage 2: past stage 1's clips)")
+    p.add_argument("--aux-weight", type=float, default=0.5,
+                   help="weight of the dense auxiliary losses (shape/colour per patch, motion per token; "
+                   "see DenseHeads); 0 = question answering only")
+    p.add_argument("--types", default=",".join(qa.QUESTION_TYPES),
+                   help="comma-separated question types to train on (a focused stage); default all")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1 wastes least on a shared, oversubscribed CPU)")
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop training after this long (0 = no limit)")
@@ -247,7 +315,15 @@ def main(argv: list[str] | None = None) -> dict:
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
     t0 = time.perf_counter()
     history, best, best_state, clips_seen = [], -1.0, None, 0
-    stream = train_batches(args.batch_size, args.questions_per_row, args.seed, args.num_frames, args.start_clip)
+    types = tuple(t for t in args.types.split(",") if t)
+    stream = train_batches(args.batch_size, args.questions_per_row, args.seed, args.num_frames, args.start_clip, types)
+    heads = DenseHeads(size.text_hidden)
+    if args.aux_weight > 0:
+        opt.add_param_group({"params": list(heads.parameters()), "weight_decay": 0.0})
+    captured: dict[str, torch.Tensor] = {}
+    model.model.multi_modal_projector.register_forward_hook(lambda _m, _i, out: captured.__setitem__("patches", out))
+    video_id = tokenizer.convert_tokens_to_ids("<video>")
+    patches = size.image_size // size.patch_size
     bar = tqdm(range(args.steps), desc="train", dynamic_ncols=True)
     running_loss, running_acc, step = 0.0, 0.0, 0
     for step in bar:
@@ -255,13 +331,20 @@ def main(argv: list[str] | None = None) -> dict:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         rows, clips_seen = next(stream)
         batch = collate(rows, tokenizer, size)
-        outputs = model(**batch)
+        outputs = model(**batch, output_hidden_states=args.aux_weight > 0)
+        loss = outputs.loss
+        if args.aux_weight > 0:
+            visual = args.num_frames * size.tokens_per_frame  # the video slots before the newline
+            slots = (batch["input_ids"] == video_id).nonzero()[:, 1].reshape(len(rows), -1)[:, :visual]
+            hidden = outputs.hidden_states[-1].gather(1, slots[..., None].expand(-1, -1, size.text_hidden))
+            labels = [dense_labels(objects, args.num_frames, patches) for _, _, objects in rows]
+            loss = loss + args.aux_weight * heads.loss(captured["patches"], hidden, labels)
         opt.zero_grad(set_to_none=True)
-        outputs.loss.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         acc = token_accuracy(outputs.logits.detach(), batch["labels"])
-        running_loss = 0.98 * running_loss + 0.02 * outputs.loss.item() if step else outputs.loss.item()
+        running_loss = 0.98 * running_loss + 0.02 * outputs.loss.item() if step else outputs.loss.item()  # QA only
         running_acc = 0.98 * running_acc + 0.02 * acc if step else acc
         bar.set_postfix(loss=f"{running_loss:.3f}", acc=f"{running_acc:.2f}")
         last = step == args.steps - 1

@@ -1,7 +1,7 @@
 """Synthetic video question answering: moving coloured shapes, one-word answers that need where and when.
 
 Each clip is `NUM_FRAMES` (8; any length >= 8) frames of `SIZE`x`SIZE` RGB on black. Two to four
-objects (three at most at 8 frames; distinct colours, shape square/circle/triangle, side 12-16 px)
+objects (three at most at 8 frames; distinct colours, shape square/circle/triangle, side 16-20 px)
 appear one after another (at least 2 frames apart at 8 frames, 3 at 16), move in a straight line
 along one axis, may disappear before the end, and one of them may change colour once. Objects never touch, so every answer can be recomputed from the pixels.
 
@@ -21,21 +21,18 @@ test clips are never seen in training.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
-from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 
 from streamprune.errors import ConfigError
 
-log = logging.getLogger(__name__)
-
-DATA_VERSION = "2"
+DATA_VERSION = "3"  # 3: sides 16-20 px and >= 20 px of travel (2: 12-16 px, >= 12 px)
 NUM_FRAMES = 8  # what the default model was trained on; 16 (the original design) also works
 SIZE = 64
 MARGIN = 2  # pixels kept free between any two objects
+SIDES = (16, 20)  # inclusive range of an object's side in pixels: two to three 8 px patches
+MIN_TRAVEL = 20.0  # pixels an object moves over its visible frames, more than a pooled token's shift
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (230, 30, 30),
@@ -129,7 +126,7 @@ class SyntheticClip:
     questions: list[tuple[str, str, str]]  # (type, question, answer)
 
 
-def _shape_mask(shape: str, size: int) -> np.ndarray:
+def shape_mask(shape: str, size: int) -> np.ndarray:
     """`[size, size]` bool stamp: full square, inscribed disc, or upward triangle (apex on top)."""
     c = (size - 1) / 2
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
@@ -147,7 +144,7 @@ def render(objects: list[SceneObject], num_frames: int = NUM_FRAMES, size: int =
     """Draw the objects: `[T, H, W, 3]` uint8, black background, no anti-aliasing."""
     frames = np.zeros((num_frames, size, size, 3), np.uint8)
     for obj in objects:
-        stamp = _shape_mask(obj.shape, obj.size)
+        stamp = shape_mask(obj.shape, obj.size)
         for t in range(obj.appear, min(obj.disappear, num_frames)):
             x0, y0, _, _ = obj.box(t)
             region = frames[t, y0:y0 + obj.size, x0:x0 + obj.size]
@@ -188,11 +185,12 @@ def _boxes_clear(a: SceneObject, b: SceneObject, handover: int) -> bool:
 
 def _sample_object(rng: np.random.Generator, colour: str, appear: int, num_frames: int, size: int,
                    timing: Timing) -> SceneObject:
-    side = int(rng.integers(12, 17))
+    side = int(rng.integers(SIDES[0], SIDES[1] + 1))
     disappear = num_frames if rng.random() < 0.5 else int(rng.integers(appear + timing.min_visible, num_frames + 1))
     steps = disappear - 1 - appear
     direction = DIRECTIONS[int(rng.integers(len(DIRECTIONS)))]
-    speed = float(rng.uniform(max(timing.min_speed, 12.0 / steps), min(timing.max_speed, (size - side - 4) / steps)))
+    slowest = max(timing.min_speed, MIN_TRAVEL / steps)  # short visits move faster to travel MIN_TRAVEL
+    speed = float(rng.uniform(slowest, max(slowest, min(timing.max_speed, (size - side - 4) / steps))))
     dx, dy = _DIR_STEP[direction]
     lo, hi = side / 2 + 1, size - side / 2 - 1  # centre range that keeps the shape inside the frame
     travel = speed * steps
@@ -304,24 +302,3 @@ def make_items(split: str, num_clips: int, start: int = 0, types: tuple[str, ...
                 items.append(QAItem(clip.frames, question, answer, meta))
     return items
 
-
-def write_video(frames: np.ndarray, path: str | Path, fps: int = 8, crf: int = 18) -> Path:
-    """Encode `[T, H, W, 3]` uint8 frames as H.264 (yuv420p) with PyAV; returns the path."""
-    import av
-
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ConfigError(f"frames must be [T, H, W, 3] uint8, got {frames.shape} {frames.dtype}")
-    path = Path(path)
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps))
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "medium"}
-        for image in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    log.debug("wrote %d frames to %s", len(frames), path)
-    return path
