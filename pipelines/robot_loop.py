@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 DEFAULT_POLICY_DIR = Path(__file__).resolve().parent.parent / "streamprune" / "assets" / "default_vla"
 DEFAULT_ENV = "streamprune/PickColor-v0"
 HELD_OUT_SEED = 100_000  # evaluation episodes use seeds from here; training uses seeds below it
+BENCH_WARMUP_STEPS = 5
 
 
 def default_policy_dir() -> Path:
@@ -52,12 +53,18 @@ def policy_image_size(policy: VLAPolicy) -> int:
 
 
 def run_episodes(policy: VLAPolicy, env_id: str, pipeline: PruningPipeline, episodes: int, seed: int,
-                 video_out: Path | None = None, progress: bool = False) -> dict:
-    """Closed-loop episodes on held-out seeds; aggregate metrics."""
+                 video_out: Path | None = None, progress: bool = False, warmup_steps: int = 0) -> dict:
+    """Closed-loop episodes on held-out seeds; aggregate metrics. `warmup_steps` untimed policy calls
+    go first (a bench compares steady-state rates; the first calls of a new pipeline pay one-off
+    allocation and kernel-selection costs)."""
     from envs import make_env
 
     env = make_env(env_id, **({"image_size": policy_image_size(policy)} if env_id == DEFAULT_ENV else {}))
     ctx = PruneContext(seed=seed)
+    if warmup_steps:
+        obs, _ = env.reset(seed=HELD_OUT_SEED + seed)
+        for _ in range(warmup_steps):
+            policy.act(obs["image"], obs["instruction"], pipeline, ctx)
     successes, lengths, latencies, kept, tokens_in = [], [], [], [], []
     wall = 0.0
     bar = tqdm(range(episodes), desc=f"{pipeline.name}", unit="ep", disable=not progress)
@@ -159,12 +166,13 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def compare_methods(policy: VLAPolicy, env_id: str, methods: list[str], retains: list[float], episodes: int,
                     seed: int = 0, progress: bool = False) -> list[dict]:
-    """No pruning plus every method x retain, same episodes, one run."""
-    rows = [run_episodes(policy, env_id, build_pipeline("none"), episodes, seed, progress=progress)]
+    """No pruning plus every method x retain, same episodes, one run; each row timed after a warm-up."""
+    rows = [run_episodes(policy, env_id, build_pipeline("none"), episodes, seed, progress=progress,
+                         warmup_steps=BENCH_WARMUP_STEPS)]
     for method in methods:
         for retain in retains:
             rows.append(run_episodes(policy, env_id, build_pipeline(method, retain=retain), episodes, seed,
-                                     progress=progress))
+                                     progress=progress, warmup_steps=BENCH_WARMUP_STEPS))
     base = rows[0]["control_steps_per_s"]
     for row in rows:
         row["speedup"] = row["control_steps_per_s"] / base if base else 0.0

@@ -91,6 +91,20 @@ def eager_llava(tiny_model_dirs):
     return adapter
 
 
+def test_question_before_the_video_fills_the_prefix_and_incremental_kv_refuses_it(tiny_model_dirs):
+    from streamprune.errors import ConfigError
+    from streamprune.models import load_adapter
+    from streamprune.pipeline.live import MemoryStage
+
+    adapter = load_adapter(tiny_model_dirs["llava_onevision"])
+    adapter.template = "question : {question} <video> answer :"
+    red, blue = adapter.prompt_ids("red"), adapter.prompt_ids("blue")
+    assert red.prefix != blue.prefix and red.suffix == blue.suffix
+    assert red.prefix[:2] == blue.prefix[:2] and len(red.prefix) == 3
+    with pytest.raises(ConfigError, match="text before the video is fixed"):
+        MemoryStage(None, MemoryConfig(kv_budget=128), adapter=adapter, incremental_kv=True)
+
+
 def _frames(n: int, start: int = 0, seed: int = 0):
     from streamprune.types import Frame
     from tests.tiny import random_clip

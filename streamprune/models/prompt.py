@@ -31,9 +31,10 @@ def read_sidecar(model_dir: str | Path) -> dict:
 
 
 def build_prompt_ids(tokenizer, question: str, template: str = QWEN_CHAT_TEMPLATE) -> PromptIds:
-    """Split `template` at the video placeholder and tokenize both sides (no special tokens added)."""
+    """Split `template` at the video placeholder and tokenize both sides (no special tokens added);
+    `{question}` may sit on either side (a VLA reads its instruction before the image)."""
     if VIDEO_PLACEHOLDER not in template:
         raise ValueError(f"prompt template must contain {VIDEO_PLACEHOLDER!r}")
     before, after = template.split(VIDEO_PLACEHOLDER, 1)
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"] if text else []  # noqa: E731
-    return PromptIds(prefix=encode(before), suffix=encode(after.format(question=question)))
+    return PromptIds(prefix=encode(before.format(question=question)), suffix=encode(after.format(question=question)))
