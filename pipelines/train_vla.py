@@ -317,7 +317,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--episodes", type=int, default=4000, help="expert demonstration episodes (seeds 0..N-1)")
     p.add_argument("--noise", type=float, default=0.4,
                    help="DART: per-episode action-noise std drawn from U(0, NOISE) (default 0.4)")
-    p.add_argument("--steps", type=int, default=1500, help="optimizer steps (cosine schedule over these)")
+    p.add_argument("--steps", type=int, default=3500, help="optimizer steps (cosine schedule over these)")
     p.add_argument("--batch-size", type=int, default=64, help="states per step")
     p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
     p.add_argument("--warmup", type=int, default=150, help="linear warm-up steps")
@@ -330,7 +330,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "agent are, what each visual token shows); 0 = behaviour cloning only")
     p.add_argument("--label-sigma", type=float, default=2.0,
                    help="std (in bins) of the Gaussian target over neighbouring action bins; 0 = one-hot")
-    p.add_argument("--eval-every", type=int, default=200, help="steps between closed-loop validation runs")
+    p.add_argument("--eval-every", type=int, default=300, help="steps between closed-loop validation runs")
     p.add_argument("--val-episodes", type=int, default=50, help="closed-loop validation episodes (seeds 90000+)")
     p.add_argument("--heldout-episodes", type=int, default=100,
                    help="held-out episodes (seeds 100000+) scored once at the end through VLAPolicy (0 = skip)")
@@ -338,7 +338,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "a fresh init; its config replaces the model-size flags")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1: on the shared 2-core machine 2 threads measured slower per step)")
-    p.add_argument("--max-minutes", type=float, default=30.0, help="stop training after this long (0 = no limit)")
+    p.add_argument("--max-minutes", type=float, default=50.0, help="stop training after this long (0 = no limit)")
     for f in ModelSize.__dataclass_fields__.values():
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default, help=f"model size: {f.name}")
     return p.parse_args(argv)

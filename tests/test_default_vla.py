@@ -19,10 +19,6 @@ from streamprune.pruning.pipeline import build_pipeline
 CLEAR = 0.15  # only a displacement component this large (arena units) has an unambiguous sign
 
 
-pytestmark = pytest.mark.skipif(not (DEFAULT_POLICY_DIR / "config.json").is_file(),
-                                reason="the default VLA is not trained to its bar yet (no committed checkpoint)")
-
-
 @pytest.fixture(scope="module")
 def policy() -> VLAPolicy:
     torch.set_num_threads(1)
@@ -38,9 +34,13 @@ def test_default_vla_files_are_a_small_safetensors_vla_with_64_visual_tokens(pol
     assert policy.adapter.token_grid(1) == (1, 8, 8)
 
 
-def test_default_vla_reaches_target_in_at_least_two_of_three_held_out_episodes(policy: VLAPolicy) -> None:
-    result = run_episodes(policy, PICKCOLOR_ID, build_pipeline("none"), episodes=3, seed=7)
-    assert result["success_rate"] >= 2 / 3, result
+def test_default_vla_meets_the_bar_on_held_out_episodes(policy: VLAPolicy) -> None:
+    """The issue's bar is 80% on 100 held-out episodes (train_metrics.json records the training
+    run's score); 20 other held-out episodes are re-run here."""
+    recorded = json.loads((DEFAULT_POLICY_DIR / "train_metrics.json").read_text())["heldout"]
+    assert recorded["episodes"] == 100 and recorded["success_rate"] >= 0.8
+    result = run_episodes(policy, PICKCOLOR_ID, build_pipeline("none"), episodes=20, seed=500)
+    assert result["success_rate"] >= 0.8, result
 
 
 def test_default_vla_first_action_points_at_the_object_the_instruction_names(policy: VLAPolicy) -> None:
