@@ -179,6 +179,38 @@ def compare_methods(policy: VLAPolicy, env_id: str, methods: list[str], retains:
     return rows
 
 
+def plot_robot(rows: list[dict], path: str | Path) -> None:
+    """Success rate and control steps/s against the share of visual tokens kept, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    base = rows[0]
+    for method in dict.fromkeys(r["method"] for r in rows[1:]):
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["retain"])
+        retains = [r["retain"] for r in mine]
+        left.plot(retains, [r["success_rate"] for r in mine], marker="o", label=method)
+        right.plot(retains, [r["control_steps_per_s"] for r in mine], marker="o", label=method)
+    left.axhline(base["success_rate"], color="black", linestyle="--", linewidth=1, label="unpruned")
+    right.axhline(base["control_steps_per_s"], color="black", linestyle="--", linewidth=1, label="unpruned")
+    left.set_ylabel("success rate")
+    right.set_ylabel("control steps / s")
+    ticks = sorted({r["retain"] for r in rows[1:]})
+    for axis in (left, right):
+        axis.set_xlabel("share of visual tokens kept")
+        axis.set_xscale("log")
+        axis.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        axis.minorticks_off()
+        axis.grid(alpha=0.3)
+    right.legend(fontsize=8)
+    fig.suptitle(f"closed-loop control, {base['episodes']} held-out episodes per point (streamprune bench robot)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def format_robot_table(rows: list[dict]) -> str:
     lines = ["| method | retain | success | mean len | latency med ms | p95 ms | steps/s | speedup | tokens kept |",
              "|---|---|---|---|---|---|---|---|---|"]

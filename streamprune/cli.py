@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     rob.add_argument("--retain", default="0.5,0.25,0.1", help="comma-separated budgets (default 0.5,0.25,0.1)")
     rob.add_argument("--episodes", type=positive(int), default=100, help="episodes per row (default 100)")
     rob.add_argument("--json", metavar="FILE", help="write the rows as JSON")
+    rob.add_argument("--plot", metavar="FILE.png", help="plot success and control steps/s against retain")
 
     from pipelines.batch_video import add_batch_arguments
     from pipelines.live_qa import add_live_arguments, add_publish_arguments
@@ -264,7 +265,7 @@ def bench_decode(args: argparse.Namespace) -> int:
 
 
 def bench_robot(args: argparse.Namespace) -> int:
-    from pipelines.robot_loop import compare_methods, format_robot_table, load_policy
+    from pipelines.robot_loop import compare_methods, format_robot_table, load_policy, plot_robot
 
     retains = _float_list(args.retain, "--retain")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -278,6 +279,8 @@ def bench_robot(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"policy": str(policy.adapter.model_dir), "env": args.env,
                                                "rows": rows}, indent=1))
+    if args.plot:
+        plot_robot(rows, args.plot)
     return 0
 
 

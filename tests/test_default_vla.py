@@ -60,3 +60,17 @@ def test_default_vla_first_action_points_at_the_object_the_instruction_names(pol
                 checked += 1
     env.close()
     assert checked >= 3  # the scene is chosen so several components are unambiguous
+
+
+def test_bench_robot_compares_methods_on_the_default_policy(tmp_path, capsys) -> None:
+    from streamprune.cli import main
+
+    out, plot = tmp_path / "robot.json", tmp_path / "robot.png"
+    assert main(["bench", "robot", "--methods", "vla_pruner,random", "--retain", "0.25", "--episodes", "3",
+                 "--json", str(out), "--plot", str(plot)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["retain"]) for r in rows] == [("none", None), ("vla_pruner", 0.25), ("random", 0.25)]
+    assert rows[0]["visual_tokens_kept"] == 64 and all(r["visual_tokens_kept"] == 16 for r in rows[1:])
+    assert rows[0]["speedup"] == 1.0 and all(r["control_steps_per_s"] > 0 for r in rows)
+    assert plot.stat().st_size > 10_000
+    assert "| vla_pruner | 0.25 |" in capsys.readouterr().out
