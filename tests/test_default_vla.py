@@ -74,3 +74,26 @@ def test_bench_robot_compares_methods_on_the_default_policy(tmp_path, capsys) ->
     assert rows[0]["speedup"] == 1.0 and all(r["control_steps_per_s"] > 0 for r in rows)
     assert plot.stat().st_size > 10_000
     assert "| vla_pruner | 0.25 |" in capsys.readouterr().out
+
+
+def test_default_vla_served_over_zmq_with_vla_pruner_reaches_held_out_targets(policy: VLAPolicy) -> None:
+    """The trained policy behind the zmq policy server (VLA-Pruner at retain 0.25), driven by the
+    robot client on 127.0.0.1: both held-out episodes end in success."""
+    import threading
+
+    from robots.client import PolicyClient, run_episode
+    from streamprune.transport.policy_server import PolicyServer
+
+    server = PolicyServer(policy, build_pipeline("vla_pruner", retain=0.25), "tcp://127.0.0.1:0", (64, 64, 3))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    client = PolicyClient(server.endpoint, action_dim=2, deadline_s=10.0)
+    env = make_env(PICKCOLOR_ID, image_size=64)
+    try:
+        results = [run_episode(env, client, seed=HELD_OUT_SEED + s) for s in (1, 2)]
+    finally:
+        server.stop.set()
+        thread.join(5)
+        client.close()
+        env.close()
+    assert all(r["success"] and r["held_steps"] == 0 for r in results), results
