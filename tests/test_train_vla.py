@@ -18,7 +18,7 @@ def test_trainer_and_policy_agree_on_layout_and_actions(tmp_path) -> None:
     out = tmp_path / "vla"
     metrics = train_vla.main(["--out", str(out), "--steps", "2", "--episodes", "6", "--eval-every", "2",
                               "--val-episodes", "2", "--heldout-episodes", "0", "--image-size", "32"])
-    assert metrics["steps"] == 2 and metrics["data"]["targets_per_state"] == 3
+    assert metrics["steps"] == 2 and metrics["data"]["episodes"] == 6
     policy = VLAPolicy.load(out)
     tokenizer = policy.adapter.tokenizer
     size = train_vla.ModelSize(image_size=32)
