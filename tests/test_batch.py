@@ -3,8 +3,11 @@ instance (one per module) and a real two-node Ray cluster on this machine."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -230,6 +233,22 @@ def test_answers_identical_in_process_or_on_ray_with_any_worker_count_and_segmen
         assert got == reference, name
 
 
+def _node_processes(node) -> list[int]:
+    """Pids of every process under a Ray test node's raylet (its workers and actors), from /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])  # fields after "(comm)": state, ppid, ...
+    found, frontier = [], [node.all_processes["raylet"][0].process.pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent]
+        found += children
+        frontier += children
+    return found
+
+
 @pytest.fixture
 def cluster():
     """A Ray cluster on this machine: a head with CPU only (decoding) and one node with room for two
@@ -273,7 +292,14 @@ def test_losing_the_model_node_mid_batch_resubmits_its_inputs_and_writes_each_on
     wait_until(lambda: "error" in outcome or (out.exists() and len(lines(out)) >= 2), 180, "two results")
     assert "error" not in outcome, outcome.get("error")
     lost = model_node.node_id[:12]
-    cluster.remove_node(model_node, allow_graceful=False)  # kills the node's raylet and both actors
+    # a lost machine takes all its processes at once; Ray's remove_node kills the raylet, and actor
+    # processes would otherwise notice only after a while (on a fast machine the batch ended first)
+    actors = _node_processes(model_node)
+    assert actors, "no processes found under the model node's raylet"
+    cluster.remove_node(model_node, allow_graceful=False)
+    for pid in actors:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     before = lines(out)
     assert len(before) < len(clips), "the batch finished before the node could be removed"
     assert all(r["worker"].startswith(lost) for r in before)
