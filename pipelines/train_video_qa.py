@@ -35,7 +35,7 @@ from tokenizers.pre_tokenizers import Whitespace
 from tqdm import tqdm
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, PreTrainedTokenizerFast
 
-from pipelines.small_init import strengthen_vision_init
+from streamprune.models.small_init import strengthen_vision_init
 from streamprune.data import synthetic_qa as qa
 from streamprune.models.preprocess import square_pixels
 from streamprune.models.prompt import SIDECAR, build_prompt_ids
@@ -83,7 +83,7 @@ def build_model(tokenizer: PreTrainedTokenizerFast, size: ModelSize, seed: int, 
                 patch_gain: float = 3.0) -> LlavaOnevisionForConditionalGeneration:
     """`init_std` replaces the 0.02 of large checkpoints: at this width, 0.02 leaves attention
     near-uniform for thousands of steps (the model learns the answer prior and stalls).
-    `patch_gain` and the sin-cos positions: see `pipelines.small_init` (shape questions stalled
+    `patch_gain` and the sin-cos positions: see `streamprune.models.small_init` (shape questions stalled
     near chance while colour ones were solved, i.e. the tower's content features were too weak)."""
     torch.manual_seed(seed)
     config = LlavaOnevisionConfig(
@@ -276,7 +276,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-clips", type=int, default=100, help="validation clips (2 random questions each)")
     p.add_argument("--test-clips", type=int, default=400, help="test clips (2 random questions each), scored at the end")
     p.add_argument("--patch-gain", type=float, default=3.0,
-                   help="multiplier on the SigLIP patch-embedding init (1 = stock), see pipelines.small_init")
+                   help="multiplier on the SigLIP patch-embedding init (1 = stock), see streamprune.models.small_init")
     p.add_argument("--init-from", default=None, help="start from this checkpoint's weights (a stage-2 run)")
     p.add_argument("--start-clip", type=int, default=0, help="first train clip index (stage 2: past stage 1's clips)")
     p.add_argument("--aux-weight", type=float, default=0.5,

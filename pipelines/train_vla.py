@@ -3,7 +3,7 @@
     python -m pipelines.train_vla --out streamprune/assets/default_vla --seed 0
 
 Demonstrations come from PickColor's scripted expert on training seeds (< 100000; the closed-loop
-evaluation in pipelines.robot_loop uses seeds from 100000 up). The executed action is the expert's
+evaluation in streamprune.runtime.robot uses seeds from 100000 up). The executed action is the expert's
 plus Gaussian noise (DART, Laskey et al. 2017), so the data visits the off-course states a learned
 policy drifts into, while every label stays the expert's action at the visited state.
 
@@ -42,7 +42,7 @@ from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGener
 
 from envs import PICKCOLOR_ID, make_env
 from envs.pickcolor import COLOURS, SHAPES
-from pipelines.small_init import strengthen_vision_init
+from streamprune.models.small_init import strengthen_vision_init
 from streamprune.models.preprocess import square_pixels
 from streamprune.models.prompt import SIDECAR, build_prompt_ids
 from streamprune.models.tiny import word_tokenizer
@@ -284,12 +284,12 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
 
 def heldout_success(out: Path, episodes: int) -> dict:
     """Success of the saved policy, loaded and run exactly as `streamprune robot` does."""
-    from pipelines.robot_loop import run_episodes
+    from streamprune.runtime.robot import run_episodes
     from streamprune.models.vla import VLAPolicy
-    from streamprune.pruning.pipeline import build_pipeline
+    from streamprune.pruning.recipe import build_recipe
 
     policy = VLAPolicy.load(out)
-    return run_episodes(policy, PICKCOLOR_ID, build_pipeline("none"), episodes, seed=0, progress=True)
+    return run_episodes(policy, PICKCOLOR_ID, build_recipe("none"), episodes, seed=0, progress=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,28 +1,133 @@
-"""argparse value types shared by every subcommand, so a bad value is one clear line."""
+"""Command-line flags generated from a command's config dataclass (see `streamprune.config.option`).
+
+The parser's defaults are the config's own (after configs/pipelines/NAME.yaml), so `--help` shows
+what a run uses, and `config_from_args` fills the same dataclass back; nothing is declared twice.
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Callable
+import dataclasses
+import sys
+from typing import Any, TypeVar
+
+from streamprune.config import _NESTED
+from streamprune.errors import EXIT_USAGE, ConfigError
+
+T = TypeVar("T")
 
 
-def retain_ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--retain must be a number in (0, 1], got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"--retain must be in (0, 1], got {text}")
-    return value
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"streamprune: error: {message} (see --help)\n")
+        sys.exit(EXIT_USAGE)
 
 
-def positive(kind: type) -> Callable[[str], int | float]:
-    def parse(text: str):
+def _argparse_type(parse: Any) -> Any:
+    """A config `parse` check as an argparse type (a ConfigError becomes argparse's one-line error)."""
+
+    def convert(text: str) -> Any:
         try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text}")
-        return value
-    return parse
+            return parse(text)
+        except ConfigError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
+
+
+def _fields(cls: type, prefix: str = "") -> list[tuple[str, dataclasses.Field]]:
+    """(dest, field) of every option of `cls`, nested config dataclasses flattened (dest 'a.b')."""
+    out = []
+    for f in dataclasses.fields(cls):
+        nested = _NESTED.get(f.type) if isinstance(f.type, str) else None
+        if nested is not None:
+            out += _fields(nested, f"{prefix}{f.name}.")
+        elif "cli" in f.metadata:
+            out.append((prefix + f.name, f))
+    return out
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, defaults: Any) -> None:
+    """One flag per option of the config instance `defaults` (its values are the flag defaults)."""
+    groups: dict[str, Any] = {}
+    for dest, f in _fields(type(defaults)):
+        meta = f.metadata["cli"]
+        default = _get(defaults, dest)
+        kwargs: dict[str, Any] = {"help": meta["help"]}
+        if meta["metavar"]:
+            kwargs["metavar"] = meta["metavar"]
+        if f.type == "bool":
+            kwargs["action"] = "store_true"
+        elif meta["nargs"] == "append":
+            kwargs["action"] = "append"
+        elif meta["nargs"]:
+            kwargs["nargs"] = meta["nargs"]
+        if meta["parse"] is not None and f.type != "bool":
+            kwargs["type"] = _argparse_type(meta["parse"])
+        if meta["positional"]:
+            if meta["nargs"] == "?":
+                kwargs["default"] = default
+            parser.add_argument(dest.replace(".", "__"), **kwargs)
+            continue
+        flags = meta["flags"] or (f"--{f.name.replace('_', '-')}",)
+        kwargs["dest"] = dest.replace(".", "__")
+        kwargs["default"] = [] if meta["nargs"] == "append" else default
+        target = parser
+        if meta["group"]:
+            if meta["group"] not in groups:
+                groups[meta["group"]] = parser.add_mutually_exclusive_group(required=True)
+            target = groups[meta["group"]]
+        elif meta["required"]:
+            kwargs["required"] = True
+        target.add_argument(*flags, **kwargs)
+
+
+def config_from_args(defaults: T, args: argparse.Namespace) -> T:
+    """`defaults` with every option replaced by its parsed flag value."""
+    config = _copy(defaults)
+    for dest, _ in _fields(type(defaults)):
+        key = dest.replace(".", "__")
+        if hasattr(args, key):
+            _set(config, dest, getattr(args, key))
+    _revalidate(config)
+    return config
+
+
+def parse_config(defaults: T, argv: list[str], prog: str = "streamprune") -> T:
+    """Parse `argv` against the flags of `defaults`' config (for `python -m` entry points and tests)."""
+    parser = OneLineParser(prog=prog, description=(type(defaults).__doc__ or "").split("\n")[0])
+    add_config_arguments(parser, defaults)
+    return config_from_args(defaults, parser.parse_args(argv))
+
+
+def _get(obj: Any, dest: str) -> Any:
+    for part in dest.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set(obj: Any, dest: str, value: Any) -> None:
+    *path, last = dest.split(".")
+    for part in path:
+        obj = getattr(obj, part)
+    setattr(obj, last, value)
+
+
+def _copy(config: Any) -> Any:
+    changes = {f.name: _copy(getattr(config, f.name)) for f in dataclasses.fields(config)
+               if dataclasses.is_dataclass(getattr(config, f.name))}
+    return dataclasses.replace(config, **changes)
+
+
+def _revalidate(config: Any) -> None:
+    """Re-run nested configs' own checks (`__post_init__`) on the values the flags set."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            _revalidate(value)
+            post = getattr(value, "__post_init__", None)
+            if post is not None:
+                post()

@@ -29,7 +29,7 @@ import torch
 from streamprune.cliargs import positive, retain_ratio
 from streamprune.errors import ConfigError, InputError, ModelError
 from streamprune.pruning.base import PruneContext, PruningMethod
-from streamprune.pruning.pipeline import PruningPipeline
+from streamprune.pruning.recipe import PruningRecipe
 from streamprune.types import Frame, Selection, VisualTokens
 
 log = logging.getLogger(__name__)
@@ -195,21 +195,21 @@ class _RecordingMethod:
 
 
 @torch.inference_mode()
-def select_tokens(adapter, frames: np.ndarray, pipeline: PruningPipeline, fps: float,
+def select_tokens(adapter, frames: np.ndarray, recipe: PruningRecipe, fps: float,
                   ctx: PruneContext, question: str = DEFAULT_QUESTION) -> Highlight:
     """Encode `[T, H, W, 3]` frames and run the pipeline's selection as `adapter.answer` does.
     With an inner-LLM stage, prefill `question` and compose that stage's choice in."""
     from streamprune.models.base import DynamicCache
 
-    video = adapter.encode(frames, fps=fps, signals=pipeline.requires, cacher=adapter.make_cacher(pipeline))
-    selection = pipeline.select(video.tokens, ctx)
+    video = adapter.encode(frames, fps=fps, signals=recipe.requires, cacher=adapter.make_cacher(recipe))
+    selection = recipe.select(video.tokens, ctx)
     merged = merged_rows(video.tokens, selection)
-    if pipeline.inner_llm is None:
+    if recipe.inner_llm is None:
         return Highlight(video.tokens, selection.indices, merged, "pre-LLM")
     layout = adapter.layout(video, adapter.prompt_ids(question))
     embeds, positions, kept_slots = layout.keep(selection)
-    stage = adapter.inner_stage(pipeline, video, selection, kept_slots, embeds, ctx)
-    recorder = _RecordingMethod(pipeline.inner_llm)
+    stage = adapter.inner_stage(recipe, video, selection, kept_slots, embeds, ctx)
+    recorder = _RecordingMethod(recipe.inner_llm)
     stage.method = recorder
     adapter.forward_layers(embeds, positions, DynamicCache(), stage)
     inner = recorder.selection
@@ -227,8 +227,8 @@ def render(frames: list[Frame], highlight: Highlight, per_step: int) -> tuple[li
     return images, maps
 
 
-def budget_text(pipeline: PruningPipeline) -> str:
-    b = pipeline.budget
+def budget_text(recipe: PruningRecipe) -> str:
+    b = recipe.budget
     parts = [f"retain {b.retain:g}"] if b.retain is not None else []
     parts += [f"max {b.max_tokens} tokens"] if b.max_tokens is not None else []
     return ", ".join(parts) or "retain 1"
@@ -259,13 +259,13 @@ def run_viz(args: argparse.Namespace) -> int:
     from streamprune.cli import load_model
     from streamprune.config import AskConfig, load_pipeline_defaults
     from streamprune.decode import decode_frames
-    from streamprune.pruning.pipeline import build_pipeline
+    from streamprune.pruning.recipe import build_recipe
 
     out = Path(args.out)
     if out.suffix.lower() not in OUTPUTS:
         raise ConfigError(f"--out must end in .mp4 (annotated clip) or .png (contact sheet), got {out.name!r}")
     cfg = load_pipeline_defaults(AskConfig, "ask")
-    pipeline = build_pipeline(args.method, retain=args.retain, max_tokens=args.max_tokens)
+    recipe = build_recipe(args.method, retain=args.retain, max_tokens=args.max_tokens)
     if not Path(args.video).is_file():
         raise InputError(f"video file not found: {args.video}")
     fps = args.fps or cfg.decode.fps
@@ -274,7 +274,7 @@ def run_viz(args: argparse.Namespace) -> int:
         raise InputError(f"no frames decoded from {args.video}")
     adapter = load_model(args.model or cfg.model.path, cfg.model.attn_implementation)
     clip = np.stack([f.image for f in frames])
-    highlight = select_tokens(adapter, clip, pipeline, fps, PruneContext(seed=args.seed), args.question)
+    highlight = select_tokens(adapter, clip, recipe, fps, PruneContext(seed=args.seed), args.question)
     images, maps = render(frames, highlight, frames_per_step(adapter))
     n_in, n_kept = len(highlight.tokens), len(highlight.indices)
     head = f"{pipeline.name} {budget_text(pipeline)}"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from streamprune.models.base import DynamicCache
-from streamprune.pruning.pipeline import build_pipeline
+from streamprune.pruning.recipe import build_recipe
 from streamprune.types import Selection
 from tests.tiny import FAMILIES, random_clip
 
@@ -33,7 +33,7 @@ def test_method_none_answer_matches_transformers_generate(tiny_adapters, family)
     with torch.inference_mode():
         generated = adapter.model.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=None)
     expected = generated[0, inputs["input_ids"].shape[1]:].tolist()
-    answer = adapter.answer(clip, QUESTION, build_pipeline("none"), fps=2.0, max_new_tokens=6)
+    answer = adapter.answer(clip, QUESTION, build_recipe("none"), fps=2.0, max_new_tokens=6)
     stop = next((i for i, t in enumerate(expected) if t in adapter.eos_ids), len(expected))
     assert answer.token_ids == expected[:stop]
 
@@ -54,8 +54,8 @@ def test_uniform_quarter_keeps_original_positions(tiny_adapters, family):
     adapter = tiny_adapters[family]
     clip = random_clip(frames=4)
     video = adapter.encode(clip, fps=2.0)
-    pipeline = build_pipeline("uniform", retain=0.25)
-    selection = pipeline.select(video.tokens)
+    recipe = build_recipe("uniform", retain=0.25)
+    selection = recipe.select(video.tokens)
     assert len(selection) == len(video.tokens) // 4
     layout = adapter.layout(video, adapter.prompt_ids(QUESTION))
     embeds, positions, kept_slots = layout.keep(selection)
@@ -133,10 +133,10 @@ def test_stc_cacher_with_full_recompute_matches_plain_encoding(tiny_adapters, fa
 
 def test_stc_pipeline_answers_through_the_cacher(tiny_adapters):
     adapter = tiny_adapters["llava_onevision"]
-    pipeline = build_pipeline("stc")
-    assert adapter.make_cacher(pipeline) is not None
-    answer = adapter.answer(random_clip(frames=4), QUESTION, pipeline, fps=2.0, max_new_tokens=2)
-    assert answer.visual_tokens_kept <= pipeline.budget.count(answer.visual_tokens_in)
+    recipe = build_recipe("stc")
+    assert adapter.make_cacher(recipe) is not None
+    answer = adapter.answer(random_clip(frames=4), QUESTION, recipe, fps=2.0, max_new_tokens=2)
+    assert answer.visual_tokens_kept <= recipe.budget.count(answer.visual_tokens_in)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

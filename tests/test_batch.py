@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.batch_video import add_batch_arguments, build_job, run_batch
+from streamprune.commands.batch import add_batch_arguments, build_job, run_batch
 from streamprune.cli import OneLineParser
 from streamprune.errors import EXIT_PARTIAL, ConfigError, InputError
-from streamprune.pipeline.batch import find_inputs, run_job, split_segments
+from streamprune.runtime.batch import find_inputs, run_job, split_segments
 from streamprune.videofile import write_video
 
 QUESTION = "what happens ?"
@@ -202,7 +202,7 @@ def test_answers_identical_in_process_or_on_ray_with_any_worker_count_and_segmen
     from streamprune.decode import decode_frames
     from streamprune.models import load_adapter
     from streamprune.pruning.base import PruneContext
-    from streamprune.pruning.pipeline import build_pipeline
+    from streamprune.pruning.recipe import build_recipe
 
     clips = _noise_clips(tmp_path / "clips", 3)
     model = str(tiny_model_dirs["qwen2_5_vl"])
@@ -222,11 +222,11 @@ def test_answers_identical_in_process_or_on_ray_with_any_worker_count_and_segmen
 
     # the reference: the adapter called directly on the whole clip
     adapter = load_adapter(model)
-    pipeline = build_pipeline("random", retain=0.5)
+    recipe = build_recipe("random", retain=0.5)
     reference = {}
     for clip in clips:
         frames = np.stack([f.image for f in decode_frames(clip, fps=4, max_frames=6)])
-        result = adapter.answer(frames, QUESTION, pipeline, PruneContext(seed=3), fps=4, max_new_tokens=4)
+        result = adapter.answer(frames, QUESTION, recipe, PruneContext(seed=3), fps=4, max_new_tokens=4)
         reference[str(clip.resolve())] = (result.text, len(frames), result.visual_tokens_kept)
     assert len({text for text, _, _ in reference.values()}) > 1  # answers depend on the clip: a mix-up would show
     for name, got in answers.items():

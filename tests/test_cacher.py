@@ -177,12 +177,12 @@ def test_cacher_rejects_wrong_towers_and_bad_input(tower: SiglipVisionModel, qwe
 
 
 def test_stc_method_file_wires_cacher_then_pruner() -> None:
-    from streamprune.pruning.pipeline import build_pipeline
+    from streamprune.pruning.recipe import build_recipe
 
-    pipeline = build_pipeline("stc")
-    assert [m.name for m in pipeline.pre_llm] == ["stc_pruner"]
-    assert pipeline.budget.count(196) == 60
-    assert CacherConfig(**pipeline.encoder_options["stc_cacher"]) == CacherConfig()
+    recipe = build_recipe("stc")
+    assert [m.name for m in recipe.pre_llm] == ["stc_pruner"]
+    assert recipe.budget.count(196) == 60
+    assert CacherConfig(**recipe.encoder_options["stc_cacher"]) == CacherConfig()
 
 
 # -- Qwen2.5-VL ViT (our port of the rule: rotary keys/queries, windowed attention) --------------

@@ -7,7 +7,7 @@ import pytest
 from streamprune.config import (CONFIG_DIR, AskConfig, MethodConfig, from_dict, load_pipeline_defaults,
                                 method_config, resolve_model)
 from streamprune.errors import ConfigError
-from streamprune.pruning.pipeline import build_pipeline
+from streamprune.pruning.recipe import build_recipe
 
 
 def test_ask_defaults_come_from_the_yaml_file():
@@ -25,13 +25,13 @@ def test_every_method_file_builds_a_pipeline():
     for path in sorted((CONFIG_DIR / "methods").glob("*.yaml")):
         cfg = method_config(path.stem)
         assert isinstance(cfg, MethodConfig) and cfg.stages
-        pipeline = build_pipeline(path.stem)
-        assert pipeline.budget.retain == cfg.retain
+        recipe = build_recipe(path.stem)
+        assert recipe.budget.retain == cfg.retain
 
 
 def test_flag_budget_overrides_the_method_file():
-    assert build_pipeline("fastvid", retain=0.5).budget.retain == 0.5
-    assert build_pipeline("fastvid").budget.retain == method_config("fastvid").retain
+    assert build_recipe("fastvid", retain=0.5).budget.retain == 0.5
+    assert build_recipe("fastvid").budget.retain == method_config("fastvid").retain
 
 
 def test_model_names_resolve_to_repository_paths(tmp_path):

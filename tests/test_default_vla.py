@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from envs import PICKCOLOR_ID, make_env
-from pipelines.robot_loop import DEFAULT_POLICY_DIR, HELD_OUT_SEED, run_episodes
+from streamprune.models.default import TRAINED_VLA_DIR as DEFAULT_POLICY_DIR
+from streamprune.runtime.robot import HELD_OUT_SEED, run_episodes
 from streamprune.models.vla import VLAPolicy
 from streamprune.pruning.base import PruneContext
-from streamprune.pruning.pipeline import build_pipeline
+from streamprune.pruning.recipe import build_recipe
 
 CLEAR = 0.15  # only a displacement component this large (arena units) has an unambiguous sign
 
@@ -39,7 +40,7 @@ def test_default_vla_meets_the_bar_on_held_out_episodes(policy: VLAPolicy) -> No
     run's score); 20 other held-out episodes are re-run here."""
     recorded = json.loads((DEFAULT_POLICY_DIR / "train_metrics.json").read_text())["heldout"]
     assert recorded["episodes"] == 100 and recorded["success_rate"] >= 0.8
-    result = run_episodes(policy, PICKCOLOR_ID, build_pipeline("none"), episodes=20, seed=500)
+    result = run_episodes(policy, PICKCOLOR_ID, build_recipe("none"), episodes=20, seed=500)
     assert result["success_rate"] >= 0.8, result
 
 
@@ -52,7 +53,7 @@ def test_default_vla_first_action_points_at_the_object_the_instruction_names(pol
     checked = 0
     for colour, shape, centre in base.objects:
         delta = centre - base.agent
-        action = policy.act(obs["image"], f"reach the {colour} {shape}", build_pipeline("none"),
+        action = policy.act(obs["image"], f"reach the {colour} {shape}", build_recipe("none"),
                             PruneContext(seed=0)).action
         for axis in range(2):
             if abs(delta[axis]) > CLEAR:
@@ -84,7 +85,7 @@ def test_default_vla_served_over_zmq_with_vla_pruner_reaches_held_out_targets(po
     from robots.client import PolicyClient, run_episode
     from streamprune.transport.policy_server import PolicyServer
 
-    server = PolicyServer(policy, build_pipeline("vla_pruner", retain=0.25), "tcp://127.0.0.1:0", (64, 64, 3))
+    server = PolicyServer(policy, build_recipe("vla_pruner", retain=0.25), "tcp://127.0.0.1:0", (64, 64, 3))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     client = PolicyClient(server.endpoint, action_dim=2, deadline_s=10.0)

@@ -17,7 +17,7 @@ import torch
 import zmq
 
 from streamprune.memory import MemoryConfig
-from streamprune.pipeline.live import DropOldestQueue, LiveConfig, LiveRunner, LocalStages
+from streamprune.runtime.live import DropOldestQueue, LiveConfig, LiveRunner, LocalStages
 from streamprune.sources import open_source
 from streamprune.transport.wire import encode
 
@@ -54,7 +54,7 @@ def test_drop_oldest_queue_drops_the_oldest_and_counts():
 def test_question_attention_credited_to_memory_is_the_eager_last_query_row(tiny_model_dirs):
     from streamprune.models import load_adapter
     from streamprune.models.base import EncodedVideo
-    from streamprune.pipeline.live import EncodeStage, MemoryStage
+    from streamprune.runtime.live import EncodeStage, MemoryStage
     from streamprune.types import Frame, VisualTokens
     from tests.tiny import random_clip
 
@@ -94,7 +94,7 @@ def eager_llava(tiny_model_dirs):
 def test_question_before_the_video_fills_the_prefix_and_incremental_kv_refuses_it(tiny_model_dirs):
     from streamprune.errors import ConfigError
     from streamprune.models import load_adapter
-    from streamprune.pipeline.live import MemoryStage
+    from streamprune.runtime.live import MemoryStage
 
     adapter = load_adapter(tiny_model_dirs["llava_onevision"])
     adapter.template = "question : {question} <video> answer :"
@@ -114,7 +114,7 @@ def _frames(n: int, start: int = 0, seed: int = 0):
 
 
 def test_incremental_kv_answers_and_credits_exactly_like_reprefill(eager_llava):
-    from streamprune.pipeline.live import EncodeStage, MemoryStage
+    from streamprune.runtime.live import EncodeStage, MemoryStage
 
     encoder = EncodeStage(None, adapter=eager_llava)
     chunk = encoder.process(_frames(6), 10.0)
@@ -134,7 +134,7 @@ def test_incremental_kv_answers_and_credits_exactly_like_reprefill(eager_llava):
 
 
 def test_incremental_kv_drops_evicted_rows_and_keeps_the_rest_unchanged(eager_llava):
-    from streamprune.pipeline.live import EncodeStage, MemoryStage
+    from streamprune.runtime.live import EncodeStage, MemoryStage
 
     encoder = EncodeStage(None, adapter=eager_llava)
     memory = MemoryConfig(kv_budget=96, recent_frames=2, static_tau=2.0)  # no merging: eviction only
@@ -152,7 +152,7 @@ def test_incremental_kv_drops_evicted_rows_and_keeps_the_rest_unchanged(eager_ll
 
 
 def test_incremental_kv_merge_averages_keys_and_values_with_the_merge_weights(eager_llava):
-    from streamprune.pipeline.live import IncrementalKV
+    from streamprune.runtime.live import IncrementalKV
 
     kv = IncrementalKV(eager_llava)
     kv.appended(torch.randn(4, eager_llava.language_model.config.hidden_size))
@@ -167,11 +167,11 @@ def test_incremental_kv_merge_averages_keys_and_values_with_the_merge_weights(ea
 
 def test_inner_llm_methods_and_missing_models_are_refused_before_any_actor_starts(tmp_path):
     from streamprune.errors import ConfigError, ModelError
-    from streamprune.pipeline.live import check_model, unit_pipeline
+    from streamprune.runtime.live import check_model, unit_recipe
 
     with pytest.raises(ConfigError, match="inside the LLM"):
-        unit_pipeline("fastv", 0.5, None)
-    assert unit_pipeline("visionzip", 0.5, None).pre_llm
+        unit_recipe("fastv", 0.5, None)
+    assert unit_recipe("visionzip", 0.5, None).pre_llm
     with pytest.raises(ModelError, match="no config.json"):
         check_model(str(tmp_path / "missing"))
 
@@ -274,7 +274,7 @@ def test_oldest_frames_are_dropped_when_the_model_falls_behind(llava_stages):
 @pytest.mark.parametrize("family, flags", [("qwen2_5_vl", []), ("llava_onevision", ["--incremental-kv"])])
 def test_live_job_prints_each_answer_with_its_stream_time(family, flags, tiny_model_dirs, monkeypatch, capsys,
                                                           tmp_path):
-    from pipelines.live_qa import add_live_arguments, run_live
+    from streamprune.commands.live import add_live_arguments, run_live
 
     parser = argparse.ArgumentParser()
     add_live_arguments(parser)
@@ -301,7 +301,7 @@ def ray_cluster():
 
 
 def test_ray_encoder_killed_mid_stream_restarts_and_keeps_answering(ray_cluster, tiny_model_dirs):
-    from streamprune.pipeline.live import RayStages
+    from streamprune.runtime.live import RayStages
 
     config = LiveConfig(model=str(tiny_model_dirs["llava_onevision"]), fps=None, batch_frames=4,
                         memory=MemoryConfig(kv_budget=256, recent_frames=8), max_new_tokens=2)
@@ -376,7 +376,7 @@ def test_zmq_source_feeds_the_runtime_and_hostile_messages_are_dropped(llava_sta
 def test_publish_job_serves_a_source_that_a_zmq_subscriber_receives(capsys):
     import socket
 
-    from pipelines.live_qa import add_publish_arguments, run_publish
+    from streamprune.commands.live import add_publish_arguments, run_publish
     from streamprune.errors import ConfigError
 
     with socket.socket() as probe:  # a free loopback port for the publisher to bind

@@ -11,7 +11,7 @@ import pytest
 from streamprune.data.synthetic_qa import clip_seed, generate_clip
 from streamprune.memory import MemoryConfig
 from streamprune.models.default import TRAINED_DIR
-from streamprune.pipeline.live import LiveConfig, LiveRunner, LocalStages
+from streamprune.runtime.live import LiveConfig, LiveRunner, LocalStages
 from streamprune.sources import open_source
 from streamprune.videofile import write_video
 

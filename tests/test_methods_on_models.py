@@ -8,7 +8,7 @@ import torch
 
 from streamprune.config import CONFIG_DIR
 from streamprune.pruning.base import Budget, PruneContext
-from streamprune.pruning.pipeline import PruningPipeline, build_pipeline
+from streamprune.pruning.recipe import PruningRecipe, build_recipe
 from streamprune.pruning.registry import available, make_method
 from tests.tiny import FAMILIES, random_clip
 
@@ -22,17 +22,17 @@ CASES = [f"method:{name}" for name in available()] + \
 
 
 
-def make_pipeline(case: str, retain: float) -> PruningPipeline:
+def make_pipeline(case: str, retain: float) -> PruningRecipe:
     kind, name = case.split(":")
     if kind == "pipeline":
-        return build_pipeline(name, retain=retain)
+        return build_recipe(name, retain=retain)
     method = make_method(name)
-    pipeline = PruningPipeline(name=name, budget=Budget(retain=retain))
+    recipe = PruningRecipe(name=name, budget=Budget(retain=retain))
     if method.stage == "inner_llm":
-        pipeline.inner_llm = method
+        recipe.inner_llm = method
     else:
-        pipeline.pre_llm.append(method)
-    return pipeline
+        recipe.pre_llm.append(method)
+    return recipe
 
 
 def unpruned_positions(adapter, clip) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,7 +51,7 @@ def unpruned_positions(adapter, clip) -> tuple[torch.Tensor, torch.Tensor]:
     return full, video_slots
 
 
-def answer_seeing_positions(adapter, clip, pipeline):
+def answer_seeing_positions(adapter, clip, recipe):
     """Answer once, recording the position ids every rotary-embedding call receives (`[P, L]`)."""
     seen = []
 
@@ -61,7 +61,7 @@ def answer_seeing_positions(adapter, clip, pipeline):
 
     hook = adapter.language_model.rotary_emb.register_forward_pre_hook(record)
     try:
-        answer = adapter.answer(clip, QUESTION, pipeline, PruneContext(seed=0), fps=FPS, max_new_tokens=3)
+        answer = adapter.answer(clip, QUESTION, recipe, PruneContext(seed=0), fps=FPS, max_new_tokens=3)
     finally:
         hook.remove()
     return answer, seen
@@ -86,24 +86,24 @@ def test_method_answers_within_budget_deterministically_at_original_positions(ti
     clip = random_clip(frames=4, seed=3)
     full, video_slots = unpruned_positions(adapter, clip)
     for retain in RETAINS:
-        pipeline = make_pipeline(case, retain)
-        answer, seen = answer_seeing_positions(adapter, clip, pipeline)
+        recipe = make_pipeline(case, retain)
+        answer, seen = answer_seeing_positions(adapter, clip, recipe)
         n = answer.visual_tokens_in
-        assert 0 < answer.visual_tokens_kept <= pipeline.budget.count(n), (retain, answer)
+        assert 0 < answer.visual_tokens_kept <= recipe.budget.count(n), (retain, answer)
         again = adapter.answer(clip, QUESTION, make_pipeline(case, retain), PruneContext(seed=0), fps=FPS,
                                max_new_tokens=3)
         assert (again.token_ids, again.visual_tokens_kept) == (answer.token_ids, answer.visual_tokens_kept)
 
         # The prefill's first layer sees the pre-LLM survivors at exactly their unpruned positions.
-        video = adapter.encode(clip, fps=FPS, signals=pipeline.requires)
-        selection = pipeline.select(video.tokens, PruneContext(seed=0))
+        video = adapter.encode(clip, fps=FPS, signals=recipe.requires)
+        selection = recipe.select(video.tokens, PruneContext(seed=0))
         assert len(selection) == answer.visual_tokens_pre_llm
         prunable = video_slots[:n]
         keep = torch.ones(full.shape[1], dtype=torch.bool)
         keep[prunable] = False
         keep[prunable[selection.indices]] = True
         assert torch.equal(seen[0], full[:, keep]), retain
-        if pipeline.inner_llm is not None:
+        if recipe.inner_llm is not None:
             # after the inner stage's layer: a subset of those columns, every text token still there
             after = seen[1]
             assert after.shape[1] == seen[0].shape[1] - (answer.visual_tokens_pre_llm - answer.visual_tokens_kept)

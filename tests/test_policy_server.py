@@ -12,7 +12,7 @@ import zmq
 from envs import PICKCOLOR_ID, make_env
 from robots.client import PolicyClient, run_episode
 from streamprune.models.vla import VLAPolicy
-from streamprune.pruning.pipeline import build_pipeline
+from streamprune.pruning.recipe import build_recipe
 from streamprune.transport import wire
 from streamprune.transport.policy_server import PolicyServer
 
@@ -27,7 +27,7 @@ def policy(tmp_path_factory):
 
 
 def start_server(policy, bind="tcp://127.0.0.1:0"):
-    server = PolicyServer(policy, build_pipeline("vla_pruner", retain=0.5), bind, (IMAGE, IMAGE, 3))
+    server = PolicyServer(policy, build_recipe("vla_pruner", retain=0.5), bind, (IMAGE, IMAGE, 3))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     return server, thread

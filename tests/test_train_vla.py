@@ -13,7 +13,7 @@ def test_trainer_and_policy_agree_on_layout_and_actions(tmp_path) -> None:
     from pipelines import train_vla
     from streamprune.models.vla import VLAPolicy
     from streamprune.pruning.base import PruneContext
-    from streamprune.pruning.pipeline import build_pipeline
+    from streamprune.pruning.recipe import build_recipe
 
     out = tmp_path / "vla"
     metrics = train_vla.main(["--out", str(out), "--steps", "2", "--episodes", "6", "--eval-every", "2",
@@ -33,6 +33,6 @@ def test_trainer_and_policy_agree_on_layout_and_actions(tmp_path) -> None:
             second = train_vla.action_logits(model, batcher.inputs(obs["image"][None], [text], first),
                                              policy.actions, 1)[:, -1].argmax(-1) + policy.actions.first_id
         expected = policy.actions.to_action([int(first[0]), int(second[0])])
-        step = policy.act(obs["image"], text, build_pipeline("none"), PruneContext(seed=0))
+        step = policy.act(obs["image"], text, build_recipe("none"), PruneContext(seed=0))
         np.testing.assert_array_equal(step.action, expected)
     env.close()

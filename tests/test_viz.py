@@ -14,7 +14,7 @@ from streamprune import viz
 from streamprune.decode import decode_frames
 from streamprune.errors import ConfigError, InputError
 from streamprune.pruning.base import PruneContext
-from streamprune.pruning.pipeline import build_pipeline
+from streamprune.pruning.recipe import build_recipe
 from streamprune.videofile import write_video
 
 QUESTION = "what happens ?"
@@ -29,10 +29,10 @@ def viz_args(*argv: str) -> argparse.Namespace:
 
 def expected_grids(adapter, frames, method, retain, per_step):
     """Per-frame kept / merged `[F, h, w]` grids, computed straight from the pipeline's selection."""
-    pipeline = build_pipeline(method, retain=retain)
+    recipe = build_recipe(method, retain=retain)
     clip = np.stack([f.image for f in frames])
-    video = adapter.encode(clip, fps=4.0, signals=pipeline.requires)
-    selection = pipeline.select(video.tokens, PruneContext(seed=0))
+    video = adapter.encode(clip, fps=4.0, signals=recipe.requires)
+    selection = recipe.select(video.tokens, PruneContext(seed=0))
     t, h, w = video.tokens.grid
     kept = np.zeros((len(frames), h, w), dtype=bool)
     merged = np.zeros_like(kept)
@@ -139,7 +139,7 @@ def test_viz_inner_llm_method_shows_what_survives_its_layer(h264_video, tiny_mod
     assert code == 0
     frames = decode_frames(h264_video, fps=4.0, max_frames=3)
     adapter = tiny_adapters["llava_onevision"]
-    answer = adapter.answer(np.stack([f.image for f in frames]), QUESTION, build_pipeline("fastv", retain=0.25),
+    answer = adapter.answer(np.stack([f.image for f in frames]), QUESTION, build_recipe("fastv", retain=0.25),
                             PruneContext(seed=0), fps=4.0, max_new_tokens=1)
     grid = adapter.token_grid(len(frames))[1:]
     drawn = sum(int(outlined_cells(tile, grid, viz.KEPT_COLOUR).sum()) for tile in png_tiles(out, frames))

@@ -8,7 +8,7 @@ import torch
 
 from streamprune.models.vla import ActionTokenizer, VLAPolicy
 from streamprune.pruning.base import PruneContext
-from streamprune.pruning.pipeline import build_pipeline
+from streamprune.pruning.recipe import build_recipe
 from streamprune.pruning.vla_pruner import HISTORY_KEY
 
 
@@ -35,9 +35,9 @@ def test_action_tokens_round_trip_within_one_bin():
 
 def test_policy_acts_deterministically_in_range(vla_dir):
     policy = VLAPolicy.load(vla_dir)
-    pipeline = build_pipeline("none")
-    a = policy.act(_image(), "reach the red circle", pipeline, PruneContext())
-    b = policy.act(_image(), "reach the red circle", pipeline, PruneContext())
+    recipe = build_recipe("none")
+    a = policy.act(_image(), "reach the red circle", recipe, PruneContext())
+    b = policy.act(_image(), "reach the red circle", recipe, PruneContext())
     assert a.action.shape == (2,) and np.all(np.abs(a.action) <= 1)
     assert np.array_equal(a.action, b.action)
     assert a.visual_tokens_kept == a.visual_tokens_in
@@ -49,7 +49,7 @@ def test_action_attention_matches_eager_weights(vla_dir):
 
     adapter = load_adapter(vla_dir, attn_implementation="eager")
     policy = VLAPolicy(adapter, VLAPolicy.load(vla_dir).actions)
-    step = policy.act(_image(), "reach the red circle", build_pipeline("none"), PruneContext())
+    step = policy.act(_image(), "reach the red circle", build_recipe("none"), PruneContext())
     ids = policy.actions.to_ids(step.action)
     video = adapter.encode(_image()[None])
     inputs = adapter.reference_inputs(_image()[None], "reach the red circle")
@@ -66,10 +66,10 @@ def test_action_attention_matches_eager_weights(vla_dir):
 
 def test_vla_pruner_uses_action_history_after_warmup(vla_dir):
     policy = VLAPolicy.load(vla_dir)
-    pipeline = build_pipeline("vla_pruner", retain=0.25)
+    recipe = build_recipe("vla_pruner", retain=0.25)
     ctx = PruneContext()
-    steps = [policy.act(_image(i), "reach the red circle", pipeline, ctx) for i in range(4)]
-    budget = pipeline.budget.count(steps[0].visual_tokens_in)
+    steps = [policy.act(_image(i), "reach the red circle", recipe, ctx) for i in range(4)]
+    budget = recipe.budget.count(steps[0].visual_tokens_in)
     assert all(s.visual_tokens_kept <= budget for s in steps)
     assert len(ctx.state[HISTORY_KEY]) == 3
     # pruned tokens get no action attention; kept ones share all of it

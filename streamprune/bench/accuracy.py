@@ -19,7 +19,7 @@ from tqdm import tqdm
 from streamprune.data.synthetic_qa import make_items
 from streamprune.models.base import VideoLLMAdapter, inner_layer
 from streamprune.pruning.base import PruneContext
-from streamprune.pruning.pipeline import PruningPipeline, build_pipeline
+from streamprune.pruning.recipe import PruningRecipe, build_recipe
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +62,13 @@ def run_accuracy_bench(adapter: VideoLLMAdapter, methods: list[str], retains: li
     items = make_items("test", num_clips=n)[:n]
     while len(items) < n:  # clips carry a variable number of questions
         items = make_items("test", num_clips=2 * n)[:n]
-    pipelines: list[tuple[str, float, PruningPipeline]] = [("none", 1.0, build_pipeline("none", retain=1.0))]
-    pipelines += [(m, r, build_pipeline(m, retain=r)) for m in methods if m != "none" for r in retains]
-    signals = frozenset().union(*(p.requires for _, _, p in pipelines))
+    recipes: list[tuple[str, float, PruningRecipe]] = [("none", 1.0, build_recipe("none", retain=1.0))]
+    recipes += [(m, r, build_recipe(m, retain=r)) for m in methods if m != "none" for r in retains]
+    signals = frozenset().union(*(p.requires for _, _, p in recipes))
     stats = {(m, r): {"correct": [], "kept": [], "in": [], "prune": [], "prefill": [], "total": [], "flops": [],
-                      "types": {}} for m, r, _ in pipelines}
+                      "types": {}} for m, r, _ in recipes}
     encodes: list[float] = []
-    bar = tqdm(total=len(items) * len(pipelines), desc="bench accuracy", unit="answer", disable=not progress)
+    bar = tqdm(total=len(items) * len(recipes), desc="bench accuracy", unit="answer", disable=not progress)
     last_clip, video = None, None
     for item in items:
         if item.clip is not last_clip:  # questions of one clip share its frames: encode once
@@ -78,8 +78,8 @@ def run_accuracy_bench(adapter: VideoLLMAdapter, methods: list[str], retains: li
             last_clip = item.clip
         prompt = adapter.prompt_ids(item.question)
         text_len = len(prompt.prefix) + len(prompt.suffix) + video.always_kept.shape[0]
-        for name, retain, pipeline in pipelines:
-            answer = adapter.answer_encoded(video, item.question, pipeline, PruneContext(seed=seed),
+        for name, retain, recipe in recipes:
+            answer = adapter.answer_encoded(video, item.question, recipe, PruneContext(seed=seed),
                                             max_new_tokens=max_new_tokens)
             s = stats[(name, retain)]
             ok = answer.text.strip() == item.answer
@@ -90,7 +90,7 @@ def run_accuracy_bench(adapter: VideoLLMAdapter, methods: list[str], retains: li
             for phase in ("prune", "prefill"):
                 s[phase].append(answer.timings_ms.get(phase, 0.0))
             s["total"].append(sum(answer.timings_ms.values()))
-            layer = inner_layer(adapter, pipeline.inner_llm) if pipeline.inner_llm is not None else None
+            layer = inner_layer(adapter, recipe.inner_llm) if recipe.inner_llm is not None else None
             full = prefill_flops(adapter, text_len, answer.visual_tokens_in, answer.visual_tokens_in, None)
             s["flops"].append(prefill_flops(adapter, text_len, answer.visual_tokens_pre_llm,
                                             answer.visual_tokens_kept, layer) / full)
@@ -98,7 +98,7 @@ def run_accuracy_bench(adapter: VideoLLMAdapter, methods: list[str], retains: li
     bar.close()
     encode_ms = statistics.median(encodes) if encodes else 0.0
     rows = []
-    for name, retain, _ in pipelines:
+    for name, retain, _ in recipes:
         s = stats[(name, retain)]
         rows.append(BenchRow(
             method=name, retain=retain, n=len(s["correct"]),

@@ -30,7 +30,7 @@ the per-frame budget by the configured method. When the store is over budget:
 By default the "KV cache" is NOT kept incrementally: each question re-prefills the LLM from this
 bounded visual memory (plus the prompt), so the bound on visual tokens is a bound on the KV cache
 built for each answer, and the prefill cost per question is O(kv_budget). A `MemoryListener`
-(`streamprune.pipeline.live.IncrementalKV`) can instead keep a KV cache in step with the store:
+(`streamprune.runtime.live.IncrementalKV`) can instead keep a KV cache in step with the store:
 prefilled unit by unit, evicted and merged with it.
 """
 

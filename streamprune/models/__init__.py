@@ -1,17 +1,22 @@
-"""Video-LLM adapters, one per transformers family, loaded from a local directory."""
+"""Video-LLM adapters, one file per transformers family, and loading them from a local directory.
+
+A family is one adapter file in this package plus one line in `FAMILIES`; everything outside
+`models/` asks the adapter for its capabilities (frames per token unit, position kind, its
+STC-Cacher) instead of comparing family names.
+"""
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 from pathlib import Path
 
 from streamprune.errors import ModelError
-from streamprune.models.base import Answer, EncodedVideo, PromptLayout, VideoLLMAdapter
-from streamprune.models.prompt import read_sidecar
 
 log = logging.getLogger(__name__)
 
+# model_type in config.json -> (adapter module, adapter class, transformers model class)
 FAMILIES = {
     "llava_onevision": ("streamprune.models.llava_onevision", "LlavaOnevisionAdapter",
                         "LlavaOnevisionForConditionalGeneration"),
@@ -19,23 +24,58 @@ FAMILIES = {
 }
 
 
-def load_adapter(path: str | Path, attn_implementation: str = "sdpa") -> VideoLLMAdapter:
-    """Load a model directory written by `save_pretrained` (plus its tokenizer) offline."""
-    import importlib
-
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    model_dir = Path(path)
-    config_file = model_dir / "config.json"
+def model_type_of(path: str | Path) -> str:
+    """The supported `model_type` of a model directory, or a one-line ModelError saying why not
+    (the one check of "is this a model dir", run before any worker or actor starts)."""
+    config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise ModelError(f"model path {str(path)!r} does not exist or has no config.json")
     try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
-    except json.JSONDecodeError as err:
-        raise ModelError(f"model config {config_file} is not valid JSON: {err}") from None
+        data = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError) as err:
+        raise ModelError(f"model config {config_file} is unreadable: {err}") from None
+    model_type = data.get("model_type") if isinstance(data, dict) else None
     if model_type not in FAMILIES:
         raise ModelError(f"model type {model_type!r} at {path} is not supported; supported: {', '.join(FAMILIES)}")
+    return model_type
+
+
+def resolve_model_dir(spec: str | None) -> tuple[Path, str]:
+    """`--model` (a configs/models name, a directory, or None for the default Video-LLM) ->
+    (directory, attention implementation); embedded models are built on first use if absent."""
+    from streamprune.config import resolve_model
+    from streamprune.models.default import embedded_model_dir
+
+    cfg = resolve_model(spec)
+    if cfg.path is None:
+        return embedded_model_dir(cfg.embedded or "videoqa"), cfg.attn_implementation
+    return Path(cfg.path), cfg.attn_implementation
+
+
+def check_model(spec: str | None) -> None:
+    """Fail here, with a one-line ModelError, rather than inside a Ray actor or worker."""
+    from streamprune.config import resolve_model
+
+    cfg = resolve_model(spec)
+    if cfg.path is not None:
+        model_type_of(cfg.path)
+
+
+def load_model(spec: str | None, attn_implementation: str | None = None):
+    """The adapter for `spec` (a configs/models name or a directory; None: the default Video-LLM)."""
+    path, attn = resolve_model_dir(spec)
+    return load_adapter(path, attn_implementation or attn)
+
+
+def load_adapter(path: str | Path, attn_implementation: str = "sdpa"):
+    """Load a model directory written by `save_pretrained` (plus its tokenizer) offline."""
+    import transformers
+
+    from streamprune.models.prompt import read_sidecar
+
+    transformers.utils.logging.disable_progress_bar()
+    model_dir = Path(path)
+    model_type = model_type_of(model_dir)
     module_name, adapter_name, model_class = FAMILIES[model_type]
     try:
         model = getattr(transformers, model_class).from_pretrained(
@@ -49,4 +89,4 @@ def load_adapter(path: str | Path, attn_implementation: str = "sdpa") -> VideoLL
     return adapter_cls(model, tokenizer, model_dir, sidecar.get("prompt_template"), sidecar.get("eos_token"))
 
 
-__all__ = ["Answer", "EncodedVideo", "PromptLayout", "VideoLLMAdapter", "load_adapter", "FAMILIES"]
+__all__ = ["FAMILIES", "check_model", "load_adapter", "load_model", "model_type_of", "resolve_model_dir"]

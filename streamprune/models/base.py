@@ -21,7 +21,7 @@ from transformers import DynamicCache
 from streamprune.errors import ConfigError
 from streamprune.models.prompt import PromptIds, build_prompt_ids
 from streamprune.pruning.base import Budget, PruneContext, PruningMethod
-from streamprune.pruning.pipeline import PruningPipeline
+from streamprune.pruning.recipe import PruningRecipe
 from streamprune.types import Selection, VisualTokens
 
 
@@ -128,14 +128,14 @@ class VideoLLMAdapter(ABC):
         With an STC `cacher` (one per stream, see streamprune.encode) the vision tower reuses
         work across frames of the stream."""
 
-    def make_cacher(self, pipeline: PruningPipeline) -> Any:
+    def make_cacher(self, recipe: PruningRecipe) -> Any:
         """A fresh per-stream STC-Cacher if the pipeline has a `stc_cacher` stage, else None."""
-        options = pipeline.encoder_options.get("stc_cacher")
+        options = recipe.encoder_options.get("stc_cacher")
         if options is None:
             return None
         from streamprune.encode.cacher import CacherConfig, make_cacher
 
-        if pipeline.requires & {"vit_attention"}:
+        if recipe.requires & {"vit_attention"}:
             raise ConfigError(f"pipeline {pipeline.name!r}: stc_cacher cannot be combined with methods that read "
                               "vision-encoder attention")
         return make_cacher(self.model, CacherConfig(**options))
@@ -219,13 +219,13 @@ class VideoLLMAdapter(ABC):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden)
 
-    def inner_stage(self, pipeline: PruningPipeline, video: EncodedVideo, selection: Selection,
+    def inner_stage(self, recipe: PruningRecipe, video: EncodedVideo, selection: Selection,
                     kept_slots: torch.Tensor, embeds: torch.Tensor, ctx: PruneContext) -> "InnerStage | None":
         """The pipeline's inner-LLM stage for one prefill of the pre-LLM survivors, or None."""
-        if pipeline.inner_llm is None:
+        if recipe.inner_llm is None:
             return None
-        budget = pipeline.inner_budget(len(selection), len(video.tokens))
-        return InnerStage(self, pipeline.inner_llm, budget, ctx, kept_slots, embeds[kept_slots],
+        budget = recipe.inner_budget(len(selection), len(video.tokens))
+        return InnerStage(self, recipe.inner_llm, budget, ctx, kept_slots, embeds[kept_slots],
                           video.tokens.thw[selection.indices], video.tokens.grid)
 
     @torch.inference_mode()
@@ -237,25 +237,25 @@ class VideoLLMAdapter(ABC):
         return self.logits(self.forward_layers(embeds, positions, DynamicCache()))
 
     @torch.inference_mode()
-    def answer(self, frames: np.ndarray, question: str, pipeline: PruningPipeline,
+    def answer(self, frames: np.ndarray, question: str, recipe: PruningRecipe,
                ctx: PruneContext | None = None, fps: float = 1.0, max_new_tokens: int = 16) -> Answer:
         """Encode, prune, prefill and greedily decode an answer, timing each phase."""
         timer = Timer()
         with timer("encode"):
-            video = self.encode(frames, fps=fps, signals=pipeline.requires, cacher=self.make_cacher(pipeline))
-        return self.answer_encoded(video, question, pipeline, ctx, max_new_tokens, timer)
+            video = self.encode(frames, fps=fps, signals=recipe.requires, cacher=self.make_cacher(recipe))
+        return self.answer_encoded(video, question, recipe, ctx, max_new_tokens, timer)
 
     @torch.inference_mode()
-    def answer_encoded(self, video: EncodedVideo, question: str, pipeline: PruningPipeline,
+    def answer_encoded(self, video: EncodedVideo, question: str, recipe: PruningRecipe,
                        ctx: PruneContext | None = None, max_new_tokens: int = 16,
                        timer: Timer | None = None) -> Answer:
         timer = timer or Timer()
         ctx = ctx or PruneContext()
         with timer("prune"):
-            selection = pipeline.select(video.tokens, ctx)
+            selection = recipe.select(video.tokens, ctx)
         layout = self.layout(video, self.prompt_ids(question))
         embeds, positions, kept_slots = layout.keep(selection)
-        inner = self.inner_stage(pipeline, video, selection, kept_slots, embeds, ctx)
+        inner = self.inner_stage(recipe, video, selection, kept_slots, embeds, ctx)
         cache = DynamicCache()
         with timer("prefill"):
             hidden = self.forward_layers(embeds, positions, cache, inner)

@@ -1,9 +1,9 @@
-"""Where the embedded default Video-LLM lives.
+"""Where the embedded models live.
 
-The trained default (a small LLaVA-OneVision trained here on synthetic video QA, see
-pipelines/train_video_qa.py) ships in streamprune/assets/default_videoqa. Until that checkpoint
-is present, a tiny randomly initialised LLaVA-OneVision is built once into the user cache: it
-runs every code path but its answers are noise.
+The trained defaults (a small LLaVA-OneVision Video-LLM trained on synthetic video QA by
+pipelines/train_video_qa.py, and a VLA of the same family trained by pipelines/train_vla.py) ship
+in streamprune/assets. Until a checkpoint is present, a tiny randomly initialised model of the same
+kind is built once into the user cache: it runs every code path but its outputs are noise.
 """
 
 from __future__ import annotations
@@ -11,26 +11,31 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Callable
+
+from streamprune.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-TRAINED_DIR = Path(__file__).resolve().parent.parent / "assets" / "default_videoqa"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+TRAINED_DIR = ASSETS / "default_videoqa"
+TRAINED_VLA_DIR = ASSETS / "default_vla"
+EMBEDDED = {"videoqa": TRAINED_DIR, "vla": TRAINED_VLA_DIR}
 
 
-def trained_or_tiny(trained: Path, cache_name: str, build: Callable[[Path], Path]) -> Path:
-    """`trained` if that checkpoint is present, else a tiny random stand-in built once by
-    `build(dir)` into the user cache (a warning says its outputs are noise)."""
+def embedded_model_dir(name: str) -> Path:
+    """The trained embedded model `name` (videoqa | vla), or its tiny random stand-in."""
+    if name not in EMBEDDED:
+        raise ConfigError(f"unknown embedded model {name!r}; choose one of: {', '.join(EMBEDDED)}")
+    trained = EMBEDDED[name]
     if (trained / "config.json").is_file():
         return trained
-    cache = Path(os.environ.get("STREAMPRUNE_CACHE", Path.home() / ".cache" / "streamprune")) / cache_name
+    cache = Path(os.environ.get("STREAMPRUNE_CACHE", Path.home() / ".cache" / "streamprune")) / f"tiny-{name}"
     if not (cache / "config.json").is_file():
+        from streamprune.models.tiny import save_tiny, save_tiny_vla
+
         log.warning("no trained model at %s; building a tiny random stand-in in %s", trained, cache)
-        build(cache)
+        if name == "vla":
+            save_tiny_vla(cache, image_size=64)
+        else:
+            save_tiny("llava_onevision", cache)
     return cache
-
-
-def default_model_dir() -> Path:
-    from streamprune.models.tiny import save_tiny
-
-    return trained_or_tiny(TRAINED_DIR, "tiny-llava_onevision", lambda out: save_tiny("llava_onevision", out))

@@ -27,7 +27,7 @@ from streamprune.models.base import InnerStage, _rotate
 from streamprune.models.llava_onevision import LlavaOnevisionAdapter
 from streamprune.models.prompt import read_sidecar
 from streamprune.pruning.base import PruneContext
-from streamprune.pruning.pipeline import PruningPipeline
+from streamprune.pruning.recipe import PruningRecipe
 from streamprune.pruning.vla_pruner import VLAPruner, reset_action_history
 
 ACTION_BINS = 256
@@ -135,14 +135,14 @@ class VLAPolicy:
         reset_action_history(ctx)
 
     @torch.inference_mode()
-    def act(self, image: np.ndarray, instruction: str, pipeline: PruningPipeline, ctx: PruneContext) -> PolicyStep:
+    def act(self, image: np.ndarray, instruction: str, recipe: PruningRecipe, ctx: PruneContext) -> PolicyStep:
         start = time.perf_counter()
         adapter = self.adapter
-        video = adapter.encode(image[None], fps=1.0, signals=pipeline.requires)
-        selection = pipeline.select(video.tokens, ctx)
+        video = adapter.encode(image[None], fps=1.0, signals=recipe.requires)
+        selection = recipe.select(video.tokens, ctx)
         layout = adapter.layout(video, adapter.prompt_ids(instruction))
         embeds, positions, kept_slots = layout.keep(selection)
-        inner = adapter.inner_stage(pipeline, video, selection, kept_slots, embeds, ctx)
+        inner = adapter.inner_stage(recipe, video, selection, kept_slots, embeds, ctx)
         tap = ActionAttentionTap(self.action_layer, len(video.tokens), selection.indices, kept_slots, inner)
         cache = DynamicCache()
         hidden = adapter.forward_layers(embeds, positions, cache, inner, tap)
@@ -158,8 +158,8 @@ class VLAPolicy:
             hidden = adapter.forward_layers(adapter._embed([ids[-1]]), step_pos, cache, after_layer=tap)
             position += 1
         attention = tap.mean()
-        if isinstance(pipeline.inner_llm, VLAPruner):
-            pipeline.inner_llm.push_action(ctx, attention)
+        if isinstance(recipe.inner_llm, VLAPruner):
+            recipe.inner_llm.push_action(ctx, attention)
         kept = inner.kept if inner is not None else len(selection)
         return PolicyStep(action=self.actions.to_action(ids), visual_tokens_in=len(video.tokens),
                           visual_tokens_kept=kept, latency_ms=(time.perf_counter() - start) * 1000,

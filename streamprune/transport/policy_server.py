@@ -23,7 +23,7 @@ import zmq
 from streamprune.errors import ConfigError
 from streamprune.models.vla import VLAPolicy
 from streamprune.pruning.base import PruneContext
-from streamprune.pruning.pipeline import PruningPipeline
+from streamprune.pruning.recipe import PruningRecipe
 from streamprune.transport import wire
 from streamprune.transport.zmq_frames import is_loopback
 
@@ -43,11 +43,11 @@ class ServerStats:
 class PolicyServer:
     """Serve `policy` with `pipeline` on `bind` until `stop` is set (poll granularity 50 ms)."""
 
-    def __init__(self, policy: VLAPolicy, pipeline: PruningPipeline, bind: str, image_shape: tuple[int, ...],
+    def __init__(self, policy: VLAPolicy, recipe: PruningRecipe, bind: str, image_shape: tuple[int, ...],
                  allow_remote: bool = False) -> None:
         if not allow_remote and not is_loopback(bind):
             raise ConfigError(f"refusing to bind {bind}: not a loopback address (pass allow_remote to expose it)")
-        self.policy, self.pipeline, self.image_shape = policy, pipeline, tuple(image_shape)
+        self.policy, self.recipe, self.image_shape = policy, recipe, tuple(image_shape)
         self.stats = ServerStats()
         self.stop = threading.Event()
         self.context = zmq.Context.instance()
@@ -78,7 +78,7 @@ class PolicyServer:
             seq = header["seq"]
             self._check(header, image)
             ctx = self._context(identity, header.get("episode", 0))
-            step = self.policy.act(np.asarray(image), header["instruction"], self.pipeline, ctx)
+            step = self.policy.act(np.asarray(image), header["instruction"], self.recipe, ctx)
         except (wire.WireError, ValueError) as err:
             self.stats.errors += 1
             log.warning("bad request from %s: %s", identity.hex(), err)

@@ -173,16 +173,16 @@ def _load(model: str | None, threads: int, adapter: Any = None, attn_implementat
     return adapter if adapter is not None else load_model(model, attn_implementation)
 
 
-def unit_pipeline(method: str, retain: float | None, max_tokens: int | None) -> Any:
+def unit_recipe(method: str, retain: float | None, max_tokens: int | None) -> Any:
     """The pruning pipeline applied to each unit; only pre-LLM stages make sense there."""
     from streamprune.errors import ConfigError
-    from streamprune.pruning.pipeline import build_pipeline
+    from streamprune.pruning.recipe import build_recipe
 
-    pipeline = build_pipeline(method, retain=retain, max_tokens=max_tokens)
-    if pipeline.inner_llm is not None or pipeline.encoder_options:
+    recipe = build_recipe(method, retain=retain, max_tokens=max_tokens)
+    if recipe.inner_llm is not None or recipe.encoder_options:
         raise ConfigError(f"method {method!r} has a stage inside the LLM or the vision encoder; live memory "
                           "prunes each frame before the LLM, so use a pre-LLM method (see `streamprune methods`)")
-    return pipeline
+    return recipe
 
 
 def check_model(model: str | None) -> None:
@@ -203,7 +203,7 @@ class EncodeStage:
                  max_tokens: int | None = None, seed: int = 0, threads: int = 1, adapter: Any = None) -> None:
         from streamprune.pruning.base import PruneContext
 
-        self.pipeline = unit_pipeline(method, retain, max_tokens)
+        self.recipe = unit_recipe(method, retain, max_tokens)
         self.adapter = _load(model, threads, adapter)
         self.ctx = PruneContext(seed=seed)
 
@@ -217,7 +217,7 @@ class EncodeStage:
         """`frames` (a multiple of `unit_frames()`, same size) -> one MemoryUnit per unit."""
         start = time.perf_counter()
         clip = np.stack([f.image for f in frames])
-        video = self.adapter.encode(clip, fps=fps, signals=self.pipeline.requires)
+        video = self.adapter.encode(clip, fps=fps, signals=self.recipe.requires)
         tokens = video.tokens
         t, h, w = tokens.grid
         per_unit = h * w
@@ -232,7 +232,7 @@ class EncodeStage:
                 signals={k: v[rows] for k, v in tokens.signals.items()},
                 frame_signals={k: v[u : u + 1] for k, v in tokens.frame_signals.items()},
             )
-            selection = self.pipeline.select(unit_tokens, self.ctx)
+            selection = self.recipe.select(unit_tokens, self.ctx)
             kept = selection.apply(unit_tokens)
             first = frames[u * step]
             units.append(MemoryUnit(features=kept.features.float().contiguous(), hw=kept.thw[:, 1:].clone(),
@@ -394,10 +394,10 @@ class MemoryStage:
     def __init__(self, model: str | None, memory: MemoryConfig, max_new_tokens: int = 16,
                  attention_layer: int | None = None, threads: int = 1, adapter: Any = None,
                  incremental_kv: bool = False) -> None:
-        from streamprune.pruning.pipeline import build_pipeline
+        from streamprune.pruning.recipe import build_recipe
 
         self.adapter = _load(model, threads, adapter, None)
-        self.none = build_pipeline("none")
+        self.none = build_recipe("none")
         self.max_new_tokens = max_new_tokens
         layers = len(self.adapter.language_model.layers)
         self.attention_layer = layers // 2 if attention_layer is None else min(attention_layer, layers - 1)
@@ -514,7 +514,7 @@ class RayStages:
     def __init__(self, config: LiveConfig, task_retries: int = 3) -> None:
         import ray
 
-        unit_pipeline(config.method, config.retain, config.max_tokens)
+        unit_recipe(config.method, config.retain, config.max_tokens)
         check_model(config.model)
         self._ray = ray
         encoder_cls = ray.remote(EncodeStage).options(max_restarts=-1, max_task_retries=task_retries, num_cpus=0)

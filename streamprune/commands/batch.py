@@ -6,7 +6,7 @@
                      [--overwrite] [--no-ray]
 
 Writes one JSON line per input as it finishes and resumes where an interrupted run stopped (see
-streamprune.pipeline.batch). Exit code 0 if every input is ok, 3 if some failed (the rest were
+streamprune.runtime.batch). Exit code 0 if every input is ok, 3 if some failed (the rest were
 processed), 2 for usage errors.
 """
 
@@ -100,7 +100,7 @@ def _question(args: argparse.Namespace) -> str:
 def build_job(args: argparse.Namespace):
     """The BatchJob the flags describe (defaults from configs/pipelines/batch.yaml, else ask's)."""
     from streamprune.config import AskConfig, load_pipeline_defaults
-    from streamprune.pipeline.batch import BatchJob, WorkerSettings, find_inputs
+    from streamprune.runtime.batch import BatchJob, WorkerSettings, find_inputs
 
     if args.no_ray and (args.ray_address or args.actor_resource):
         raise ConfigError("--no-ray runs in this process: drop --ray-address/--actor-resource")
@@ -128,7 +128,7 @@ def run_batch(args: argparse.Namespace) -> int:
     """Run the batch the flags describe; 0 if every input is ok, 3 if some failed."""
     from tqdm import tqdm
 
-    from streamprune.pipeline.batch import run_job
+    from streamprune.runtime.batch import run_job
 
     job = build_job(args)
     bar = tqdm(total=len(job.inputs), unit="file", disable=not sys.stderr.isatty(), file=sys.stderr,
@@ -155,7 +155,7 @@ def run_batch(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run as `python -m pipelines.batch_video ...` (same flags as `streamprune batch`)."""
+    """Run as `python -m streamprune.commands.batch ...` (same flags as `streamprune batch`)."""
     import logging
 
     from streamprune.cli import OneLineParser

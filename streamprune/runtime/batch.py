@@ -203,12 +203,12 @@ class ModelWorker:
 
         from streamprune.models import load_adapter
         from streamprune.models.default import default_model_dir
-        from streamprune.pruning.pipeline import build_pipeline
+        from streamprune.pruning.recipe import build_recipe
 
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         self.settings = settings
-        self.pipeline = build_pipeline(settings.method, retain=settings.retain, max_tokens=settings.max_tokens)
+        self.recipe = build_recipe(settings.method, retain=settings.retain, max_tokens=settings.max_tokens)
         model_dir = settings.model if settings.model is not None else default_model_dir()
         self.adapter = load_adapter(model_dir, settings.attn_implementation)
         self.label = _worker_label()
@@ -228,7 +228,7 @@ class ModelWorker:
             return {**base, "status": "error", "error": "no frames decoded (clip shorter than one sample)"}
         s = self.settings
         try:
-            result = self.adapter.answer(clip, s.question, self.pipeline, PruneContext(seed=s.seed),
+            result = self.adapter.answer(clip, s.question, self.recipe, PruneContext(seed=s.seed),
                                          fps=s.fps, max_new_tokens=s.max_new_tokens)
         except Exception as err:  # noqa: BLE001 - any model failure on one clip becomes that input's error line
             log.exception("model failed on a %d-frame clip", len(clip))
@@ -475,9 +475,9 @@ def run_job(job: BatchJob, on_result: ResultCallback | None = None) -> BatchRepo
     if not job.inputs:
         raise InputError("no inputs to process")
     check_model_dir(job.settings.model)
-    from streamprune.pruning.pipeline import build_pipeline
+    from streamprune.pruning.recipe import build_recipe
 
-    build_pipeline(job.settings.method, job.settings.retain, job.settings.max_tokens)  # bad method: usage error now
+    build_recipe(job.settings.method, job.settings.retain, job.settings.max_tokens)  # bad method: usage error now
     run = _Run(job, on_result)
     try:
         if job.use_ray:

@@ -85,7 +85,7 @@ def run_live(args: argparse.Namespace) -> int:
     import torch
 
     from streamprune.memory import MemoryConfig
-    from streamprune.pipeline.live import LiveConfig, LiveRunner, LocalStages, RayStages
+    from streamprune.runtime.live import LiveConfig, LiveRunner, LocalStages, RayStages
     from streamprune.sources import open_source
 
     torch.set_num_threads(args.threads)

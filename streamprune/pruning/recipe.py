@@ -21,7 +21,7 @@ ENCODER_STAGES = {"stc_cacher"}
 
 
 @dataclass
-class PruningPipeline:
+class PruningRecipe:
     name: str
     budget: Budget
     pre_llm: list[PruningMethod] = field(default_factory=list)
@@ -70,25 +70,25 @@ def compose(first: Selection, second: Selection) -> Selection:
     return Selection(indices=indices, features=features)
 
 
-def build_pipeline(name: str, retain: float | None = None, max_tokens: int | None = None) -> PruningPipeline:
+def build_recipe(name: str, retain: float | None = None, max_tokens: int | None = None) -> PruningRecipe:
     """The pipeline `name` (a configs/methods file or a registered method) with the given budget
     (flags win over the file's default retain)."""
     cfg: MethodConfig = method_config(name)
     budget = Budget(retain=retain if retain is not None else (cfg.retain if max_tokens is None else None),
                     max_tokens=max_tokens if max_tokens is not None else cfg.max_tokens)
-    pipeline = PruningPipeline(name=name, budget=budget)
+    recipe = PruningRecipe(name=name, budget=budget)
     registered = available()
     for stage in cfg.stages:
         if stage.method in ENCODER_STAGES:
-            pipeline.encoder_options[stage.method] = dict(stage.options)
+            recipe.encoder_options[stage.method] = dict(stage.options)
             continue
         if stage.method not in registered:
             raise ConfigError(f"method file {name!r} names unknown stage {stage.method!r}")
         method = make_method(stage.method, **stage.options)
         if method.stage == "inner_llm":
-            if pipeline.inner_llm is not None:
+            if recipe.inner_llm is not None:
                 raise ConfigError(f"pipeline {name!r} has more than one inner-LLM stage")
-            pipeline.inner_llm = method
+            recipe.inner_llm = method
         else:
-            pipeline.pre_llm.append(method)
-    return pipeline
+            recipe.pre_llm.append(method)
+    return recipe
