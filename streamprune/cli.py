@@ -1,4 +1,6 @@
-"""`streamprune`: one entry point, one subcommand per job; the only place that wires things together.
+"""streamprune: run Video-LLMs and VLAs on visual streams, fast, by pruning and caching visual tokens.
+
+`streamprune.cli` is the one entry point and the only place that wires things together.
 
 The parser is built from each command's config dataclass (streamprune/config.py); a command's
 module (streamprune/commands/NAME.py, a `run(config) -> int`) is imported only when it runs, so
@@ -70,6 +72,7 @@ def _defaults(name: str, command: Command):
 def _add(sub, name: str, command: Command, dest: str) -> None:
     description = (command.config.__doc__ or "").split("\n\n")[0]
     description = description.split(": ", 1)[-1].replace("\n    ", " ").strip()
+    description = description[:1].upper() + description[1:]
     parser = sub.add_parser(name, help=command.help, description=description, epilog=EPILOG)
     parser.set_defaults(**{dest: name})
     add_config_arguments(parser, _defaults(name, command))

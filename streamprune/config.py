@@ -91,7 +91,7 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, flags: tuple[s
 
 def model_option(default: str = DEFAULT_VIDEO_MODEL, what: str = "Video-LLM") -> Any:
     return option(default, f"model directory (save_pretrained layout) or a configs/models name "
-                           f"(default {default}: the embedded {what})", metavar="NAME|PATH")
+                           f"(default: {default}, the embedded {what})", metavar="NAME|PATH")
 
 
 def method_option(default: str = "none", required: bool = False) -> Any:
@@ -225,7 +225,7 @@ class VizConfig:
     fps: float = option(1.0, "frames sampled per second (default 1)", parse=positive_float)
     max_frames: int = option(16, "at most N frames, evenly spaced over the clip (default 16)",
                              parse=positive_int, metavar="N")
-    question: str = option("What happens in the video?", "prompt for inner-LLM stages, whose choice depends on it",
+    question: str = option("Describe the video.", "prompt for inner-LLM stages, whose choice depends on it",
                            flags=("--question", "-q"))
     seed: int = seed_option()
 

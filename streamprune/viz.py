@@ -17,17 +17,14 @@ MIN_SIDE px and cells stay visible.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from streamprune.cliargs import positive, retain_ratio
-from streamprune.errors import ConfigError, InputError, ModelError
+from streamprune.errors import ModelError
 from streamprune.pruning.base import PruneContext, PruningMethod
 from streamprune.pruning.recipe import PruningRecipe
 from streamprune.types import Frame, Selection, VisualTokens
@@ -78,11 +75,6 @@ def merged_rows(tokens: VisualTokens, selection: Selection) -> torch.Tensor:
         return torch.zeros(len(selection), dtype=torch.bool)
     own = tokens.features[selection.indices].float()
     return (selection.features.float() != own).any(dim=1)
-
-
-def frames_per_step(adapter) -> int:
-    """Frames one temporal token index covers: Qwen2.5-VL's temporal_patch_size, else 1."""
-    return int(getattr(adapter.model.config.vision_config, "temporal_patch_size", 1) or 1)
 
 
 def token_maps(highlight: Highlight, n_frames: int, per_step: int) -> TokenMaps:
@@ -201,7 +193,7 @@ def select_tokens(adapter, frames: np.ndarray, recipe: PruningRecipe, fps: float
     With an inner-LLM stage, prefill `question` and compose that stage's choice in."""
     from streamprune.models.base import DynamicCache
 
-    video = adapter.encode(frames, fps=fps, signals=recipe.requires, cacher=adapter.make_cacher(recipe))
+    video = adapter.encode_for(frames, recipe, fps=fps)
     selection = recipe.select(video.tokens, ctx)
     merged = merged_rows(video.tokens, selection)
     if recipe.inner_llm is None:
@@ -232,68 +224,3 @@ def budget_text(recipe: PruningRecipe) -> str:
     parts = [f"retain {b.retain:g}"] if b.retain is not None else []
     parts += [f"max {b.max_tokens} tokens"] if b.max_tokens is not None else []
     return ", ".join(parts) or "retain 1"
-
-
-def add_viz_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of `streamprune viz` on `parser` (a subcommand parser)."""
-    parser.add_argument("video", metavar="VIDEO", help="video file (any container/codec FFmpeg reads)")
-    parser.add_argument("--method", required=True, metavar="NAME",
-                        help="pruning method or pipeline (see `streamprune methods`)")
-    parser.add_argument("--retain", type=retain_ratio, default=None, metavar="R",
-                        help="share of visual tokens kept, in (0, 1]; default: the method's own")
-    parser.add_argument("--max-tokens", type=positive(int), default=None, metavar="N",
-                        help="absolute cap on kept visual tokens (with --retain the smaller wins)")
-    parser.add_argument("--out", required=True, metavar="FILE.mp4|FILE.png",
-                        help="annotated clip (.mp4) or contact sheet (.png)")
-    parser.add_argument("--model", metavar="PATH", help="model directory; default: the embedded model")
-    parser.add_argument("--fps", type=positive(float), default=None, help="frames sampled per second (default 1)")
-    parser.add_argument("--max-frames", type=positive(int), default=None, metavar="N",
-                        help="at most N frames, evenly spaced over the clip (default 16)")
-    parser.add_argument("--question", "-q", default=DEFAULT_QUESTION,
-                        help="prompt for inner-LLM stages, whose choice depends on it")
-    parser.add_argument("--seed", type=int, default=0, help="seed for randomised methods")
-
-
-def run_viz(args: argparse.Namespace) -> int:
-    """Decode, encode, select and write the annotated clip or contact sheet. Returns 0."""
-    from streamprune.cli import load_model
-    from streamprune.config import AskConfig, load_pipeline_defaults
-    from streamprune.decode import decode_frames
-    from streamprune.pruning.recipe import build_recipe
-
-    out = Path(args.out)
-    if out.suffix.lower() not in OUTPUTS:
-        raise ConfigError(f"--out must end in .mp4 (annotated clip) or .png (contact sheet), got {out.name!r}")
-    cfg = load_pipeline_defaults(AskConfig, "ask")
-    recipe = build_recipe(args.method, retain=args.retain, max_tokens=args.max_tokens)
-    if not Path(args.video).is_file():
-        raise InputError(f"video file not found: {args.video}")
-    fps = args.fps or cfg.decode.fps
-    frames = decode_frames(args.video, fps=fps, max_frames=args.max_frames or cfg.decode.max_frames)
-    if not frames:
-        raise InputError(f"no frames decoded from {args.video}")
-    adapter = load_model(args.model or cfg.model.path, cfg.model.attn_implementation)
-    clip = np.stack([f.image for f in frames])
-    highlight = select_tokens(adapter, clip, recipe, fps, PruneContext(seed=args.seed), args.question)
-    images, maps = render(frames, highlight, frames_per_step(adapter))
-    n_in, n_kept = len(highlight.tokens), len(highlight.indices)
-    head = f"{pipeline.name} {budget_text(pipeline)}"
-    per_frame = maps.kept.reshape(len(frames), -1).sum(1)
-    labels = [f"#{i} {f.timestamp:.2f}s kept {int(k)}/{maps.kept[i].size}"
-              for i, (f, k) in enumerate(zip(frames, per_frame))]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix.lower() == ".png":
-        import matplotlib.image
-
-        title = f"{head}: {n_kept}/{n_in} tokens kept ({highlight.stage}, {adapter.family})"
-        matplotlib.image.imsave(out, contact_sheet(images, labels, title))
-    else:
-        from streamprune.videofile import write_video
-
-        width = images[0].shape[1]
-        captioned = (np.concatenate([text_strip(f"{head} | {label}", width, CAPTION_PX), image])
-                     for label, image in zip(labels, images))
-        write_video(out, captioned, fps=fps)
-    log.info("%s: %d/%d tokens kept (%s) over %d frames -> %s", head, n_kept, n_in, highlight.stage,
-             len(frames), out)
-    return 0

@@ -41,7 +41,7 @@ def one_hot(n: int, hot: list[int], value: float = 1.0) -> torch.Tensor:
 
 def warm(method, ctx: PruneContext, action: torch.Tensor) -> None:
     for _ in range(method.config.window):
-        method.push_action(ctx, action)
+        method.observe_action(ctx, action)
 
 
 def test_vla_pruner_keeps_top_tokens_of_both_semantic_and_action_maps() -> None:
@@ -118,7 +118,7 @@ def test_vla_pruner_warm_up_selects_by_semantic_level_only() -> None:
     tokens = vla_tokens(semantic, torch.randn(n, 6, generator=torch.Generator().manual_seed(2)))
     method = make_method("vla_pruner")
     ctx = PruneContext()
-    method.push_action(ctx, one_hot(n, [0, 1, 2]))  # 1 of 3 steps: still warming up
+    method.observe_action(ctx, one_hot(n, [0, 1, 2]))  # 1 of 3 steps: still warming up
     kept = method(tokens, Budget(max_tokens=3), ctx).indices
     assert kept.tolist() == semantic.topk(3).indices.sort().values.tolist()
 
@@ -164,7 +164,7 @@ def test_vla_pruner_exact_budget_over_random_shapes(seed: int) -> None:
     method = make_method("vla_pruner")
     ctx = PruneContext()
     for _ in range(int(torch.randint(0, 5, (1,), generator=g))):
-        method.push_action(ctx, torch.rand(n, generator=g))
+        method.observe_action(ctx, torch.rand(n, generator=g))
     budget = Budget(retain=float(torch.empty(1).uniform_(0.01, 1.0, generator=g)))
     selection = method(tokens, budget, ctx)
     assert len(selection) == budget.count(n)

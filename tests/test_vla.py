@@ -75,5 +75,5 @@ def test_vla_pruner_uses_action_history_after_warmup(vla_dir):
     # pruned tokens get no action attention; kept ones share all of it
     last = steps[-1].action_attention
     assert int((last > 0).sum()) <= budget
-    policy.reset(ctx)
+    policy.reset(recipe, ctx)
     assert HISTORY_KEY not in ctx.state

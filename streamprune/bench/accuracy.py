@@ -1,8 +1,10 @@
 """Accuracy against retention: every method at every budget, in one run, on held-out synthetic QA.
 
-Each clip is encoded once with every side signal any method needs; then each (method, retain)
-prunes, prefills and decodes from the same encoding, so differences between rows come from the
-pruning alone. Times are medians over the items; speedups are ratios within this one run.
+Each clip is encoded once per encoder stage: once plainly, with every side signal the recipes
+without an encoder stage need, and once per distinct STC-Cacher configuration (a fresh cacher per
+clip, through `VideoLLMAdapter.encode_for` as every other path); then each (method, retain) prunes,
+prefills and decodes from its encoding, so differences between rows come from the recipe alone.
+Times are medians over the items; speedups are ratios within this one run.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from streamprune.data.synthetic_qa import make_items
-from streamprune.models.base import VideoLLMAdapter, inner_layer
+from streamprune.models.base import VideoLLMAdapter
+from streamprune.models.inner import inner_layer
 from streamprune.pruning.base import PruneContext
 from streamprune.pruning.recipe import PruningRecipe, build_recipe
 
@@ -34,6 +37,7 @@ class BenchRow:
     visual_tokens_in: float = 0.0
     visual_tokens_kept: float = 0.0
     encode_ms: float = 0.0
+    vision_flops_saved: float = 0.0  # share of vision-tower FLOPs the recipe's STC-Cacher saved
     prune_ms: float = 0.0
     prefill_ms: float = 0.0
     total_ms: float = 0.0
@@ -64,21 +68,26 @@ def run_accuracy_bench(adapter: VideoLLMAdapter, methods: list[str], retains: li
         items = make_items("test", num_clips=2 * n)[:n]
     recipes: list[tuple[str, float, PruningRecipe]] = [("none", 1.0, build_recipe("none", retain=1.0))]
     recipes += [(m, r, build_recipe(m, retain=r)) for m in methods if m != "none" for r in retains]
-    signals = frozenset().union(*(p.requires for _, _, p in recipes))
+    groups = encoder_groups([p for _, _, p in recipes])
     stats = {(m, r): {"correct": [], "kept": [], "in": [], "prune": [], "prefill": [], "total": [], "flops": [],
                       "types": {}} for m, r, _ in recipes}
-    encodes: list[float] = []
+    encodes: dict[str, list[float]] = {key: [] for key in groups}
+    saved: dict[str, list[float]] = {key: [] for key in groups}
     bar = tqdm(total=len(items) * len(recipes), desc="bench accuracy", unit="answer", disable=not progress)
-    last_clip, video = None, None
+    last_clip, videos = None, {}
     for item in items:
-        if item.clip is not last_clip:  # questions of one clip share its frames: encode once
-            start = time.perf_counter()
-            video = adapter.encode(item.clip, fps=8.0, signals=signals)
-            encodes.append((time.perf_counter() - start) * 1000)
+        if item.clip is not last_clip:  # questions of one clip share its frames: encode once per encoder
+            for key, (recipe, signals) in groups.items():
+                start = time.perf_counter()
+                videos[key] = adapter.encode_for(item.clip, recipe, fps=8.0, extra_signals=signals)
+                encodes[key].append((time.perf_counter() - start) * 1000)
+                stats_now = videos[key].cacher_stats
+                saved[key].append(stats_now.flops_saved_share if stats_now is not None else 0.0)
             last_clip = item.clip
         prompt = adapter.prompt_ids(item.question)
-        text_len = len(prompt.prefix) + len(prompt.suffix) + video.always_kept.shape[0]
         for name, retain, recipe in recipes:
+            video = videos[encoder_key(recipe)]
+            text_len = len(prompt.prefix) + len(prompt.suffix) + video.always_kept.shape[0]
             answer = adapter.answer_encoded(video, item.question, recipe, PruneContext(seed=seed),
                                             max_new_tokens=max_new_tokens)
             s = stats[(name, retain)]
@@ -96,15 +105,17 @@ def run_accuracy_bench(adapter: VideoLLMAdapter, methods: list[str], retains: li
                                             answer.visual_tokens_kept, layer) / full)
             bar.update(1)
     bar.close()
-    encode_ms = statistics.median(encodes) if encodes else 0.0
     rows = []
-    for name, retain, _ in recipes:
+    for name, retain, recipe in recipes:
         s = stats[(name, retain)]
+        key = encoder_key(recipe)
+        encode_ms = statistics.median(encodes[key]) if encodes[key] else 0.0
         rows.append(BenchRow(
             method=name, retain=retain, n=len(s["correct"]),
             accuracy=sum(s["correct"]) / len(s["correct"]),
             visual_tokens_in=statistics.mean(s["in"]), visual_tokens_kept=statistics.mean(s["kept"]),
-            encode_ms=encode_ms, prune_ms=statistics.median(s["prune"]),
+            encode_ms=encode_ms, vision_flops_saved=statistics.mean(saved[key]) if saved[key] else 0.0,
+            prune_ms=statistics.median(s["prune"]),
             prefill_ms=statistics.median(s["prefill"]), total_ms=encode_ms + statistics.median(s["total"]),
             prefill_flops_ratio=statistics.mean(s["flops"]),
             per_type={t: sum(v) / len(v) for t, v in sorted(s["types"].items())},
@@ -117,13 +128,29 @@ def run_accuracy_bench(adapter: VideoLLMAdapter, methods: list[str], retains: li
     return rows
 
 
+def encoder_key(recipe: PruningRecipe) -> str:
+    """Recipes with equal encoder stages share one encoding of a clip ("" = the plain tower)."""
+    return json.dumps(recipe.encoder_options, sort_keys=True) if recipe.encoder_options else ""
+
+
+def encoder_groups(recipes: list[PruningRecipe]) -> dict[str, tuple[PruningRecipe, frozenset[str]]]:
+    """Per encoder key: a recipe that carries it and every side signal its group's selectors read."""
+    groups: dict[str, tuple[PruningRecipe, frozenset[str]]] = {}
+    for recipe in recipes:
+        key = encoder_key(recipe)
+        first, signals = groups.get(key, (recipe, frozenset()))
+        groups[key] = (first, signals | recipe.requires)
+    return groups
+
+
 def format_table(rows: list[BenchRow]) -> str:
-    head = ("| method | retain | acc | acc kept | tokens kept | prefill ms | prefill x | total ms | total x "
-            "| prefill FLOPs |\n|---|---|---|---|---|---|---|---|---|---|")
+    head = ("| method | retain | acc | acc kept | tokens kept | encode ms | vision FLOPs saved | prefill ms "
+            "| prefill x | total ms | total x | prefill FLOPs |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         lines.append(f"| {r.method} | {r.retain:g} | {r.accuracy:.3f} | {r.accuracy_retained:.3f} | "
-                     f"{r.visual_tokens_kept:.0f}/{r.visual_tokens_in:.0f} | {r.prefill_ms:.1f} | "
+                     f"{r.visual_tokens_kept:.0f}/{r.visual_tokens_in:.0f} | {r.encode_ms:.1f} | "
+                     f"{r.vision_flops_saved:.3f} | {r.prefill_ms:.1f} | "
                      f"{r.prefill_speedup:.2f} | {r.total_ms:.1f} | {r.total_speedup:.2f} | "
                      f"{r.prefill_flops_ratio:.3f} |")
     return "\n".join(lines)

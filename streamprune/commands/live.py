@@ -1,4 +1,5 @@
-"""Live stream question answering (`streamprune live`) and frame publishing (`streamprune publish`).
+"""`streamprune live` (question answering on a live stream) and `streamprune publish` (a source as a
+zmq frame stream).
 
     streamprune live --source synthetic:scene_every=90 --kv-budget 2048 --stats-json stats.jsonl
     what moves?
@@ -15,57 +16,15 @@ with --max-frames it first waits for the stream to reach that many frames (or to
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from streamprune.config import LiveConfig, PublishConfig
 from streamprune.errors import StreampruneError
 
 log = logging.getLogger("streamprune.live")
-
-
-def add_live_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `live` subcommand's flags."""
-    from streamprune.cli import add_model_method_flags
-    from streamprune.cliargs import positive
-
-    parser.add_argument("--source", required=True, metavar="SOURCE",
-                        help="file:PATH, camera:N, rtsp://..., http(s)://..., zmq://HOST:PORT or synthetic:[k=v,...]")
-    add_model_method_flags(parser)
-    parser.add_argument("--fps", type=positive(float), default=2.0,
-                        help="frames per second of stream taken into memory (default 2)")
-    parser.add_argument("--kv-budget", type=positive(int), default=2048, metavar="TOKENS",
-                        help="most visual tokens the memory holds, hence the KV cache of each answer (default 2048)")
-    parser.add_argument("--window", type=positive(int), default=8, metavar="FRAMES",
-                        help="newest frames kept at full (per-frame pruned) detail (default 8)")
-    parser.add_argument("--incremental-kv", action="store_true",
-                        help="keep the memory's KV cache between questions (LLaVA-OneVision; eager attention) "
-                             "instead of re-prefilling the memory for each question")
-    parser.add_argument("--no-ray", action="store_true", help="run the stages as threads in this process")
-    parser.add_argument("--ray-address", metavar="auto|HOST:PORT", default=None,
-                        help="Ray cluster to run the stage actors on; default: start a local Ray instance")
-    parser.add_argument("--stats-json", metavar="FILE", help="append a JSON stats line every --stats-interval s")
-    parser.add_argument("--stats-interval", type=positive(float), default=1.0, metavar="S")
-    parser.add_argument("--loop", action="store_true", help="repeat a file or synthetic source")
-    parser.add_argument("--max-frames", type=positive(int), default=None, metavar="N",
-                        help="stop reading the source after N frames")
-    parser.add_argument("--queue", type=positive(int), default=32, metavar="FRAMES",
-                        help="frames waiting for the encoder before the oldest is dropped (default 32)")
-    parser.add_argument("--max-new-tokens", type=positive(int), default=16, metavar="K", help="answer length cap")
-    parser.add_argument("--threads", type=positive(int), default=1, help="torch threads per stage (default 1)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for randomised methods")
-
-
-def add_publish_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `publish` subcommand's flags."""
-    parser.add_argument("--source", required=True, metavar="SOURCE", help="any source `live` accepts except zmq")
-    parser.add_argument("--bind", default="tcp://127.0.0.1:5555", metavar="ENDPOINT",
-                        help="zmq endpoint to publish on (default tcp://127.0.0.1:5555; port * picks a free one)")
-    parser.add_argument("--loop", action="store_true", help="repeat a file or synthetic source")
-    parser.add_argument("--allow-remote", action="store_true",
-                        help="allow a non-loopback bind (the wire has no authentication)")
 
 
 def _parse_question(line: str) -> tuple[str, float | None]:
@@ -80,32 +39,26 @@ def _parse_question(line: str) -> tuple[str, float | None]:
     return text, None
 
 
-def run_live(args: argparse.Namespace) -> int:
+def run(config: LiveConfig) -> int:
     """`streamprune live`: answer stdin questions about a stream from bounded memory."""
     import torch
 
-    from streamprune.memory import MemoryConfig
-    from streamprune.runtime.live import LiveConfig, LiveRunner, LocalStages, RayStages
+    from streamprune.runtime.live_runner import LiveRunner
+    from streamprune.runtime.live_stages import LocalStages, RayStages
     from streamprune.sources import open_source
 
-    torch.set_num_threads(args.threads)
-    config = LiveConfig(
-        model=args.model, method=args.method or "none", retain=args.retain, max_tokens=args.max_tokens,
-        fps=args.fps, memory=MemoryConfig(kv_budget=args.kv_budget, recent_frames=args.window),
-        queue_frames=args.queue, max_new_tokens=args.max_new_tokens, stats_interval=args.stats_interval,
-        max_frames=args.max_frames, threads=args.threads, seed=args.seed, incremental_kv=args.incremental_kv,
-    )
-    source = open_source(args.source, loop=args.loop, realtime=True)
-    if args.no_ray:
+    torch.set_num_threads(config.threads)
+    source = open_source(config.source, loop=config.loop, realtime=True)
+    if config.no_ray:
         stages = LocalStages(config)
     else:
         import ray
 
         if not ray.is_initialized():
-            address = args.ray_address or "local"
-            ray.init(address=address, include_dashboard=False, log_to_driver=getattr(args, "verbose", False))
+            ray.init(address=config.ray_address or "local", include_dashboard=False,
+                     log_to_driver=logging.getLogger().isEnabledFor(logging.INFO))
         stages = RayStages(config)
-    runner = LiveRunner(source, stages, config, args.stats_json).start()
+    runner = LiveRunner(source, stages, config, config.stats_json).start()
     answers: list[Future] = []
     printing = threading.Lock()
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="live-answer")
@@ -119,7 +72,7 @@ def run_live(args: argparse.Namespace) -> int:
             answers.append(future)
         for future in answers:
             future.exception()
-        if args.max_frames is not None:
+        if config.max_frames is not None:
             runner.wait_stream_end()
     finally:
         runner.stop()
@@ -128,7 +81,7 @@ def run_live(args: argparse.Namespace) -> int:
     if runner.error is not None:
         if isinstance(runner.error, StreampruneError):
             raise runner.error
-        raise RuntimeError(f"live pipeline failed: {runner.error}") from runner.error
+        raise RuntimeError(f"live stream failed: {runner.error}") from runner.error
     s = runner.stats
     log.info("frames in %d, processed %d, dropped %d; memory %d tokens", s.frames_in, s.frames_processed,
              s.frames_dropped, s.tokens)
@@ -151,18 +104,18 @@ def _print_answer(future: Future, question: str, lock: threading.Lock) -> None:
                  answer.visual_tokens, answer.latency_ms)
 
 
-def run_publish(args: argparse.Namespace) -> int:
+def run_publish(config: PublishConfig) -> int:
     """`streamprune publish`: serve a source's frames on a zmq PUB socket until it ends or Ctrl-C."""
     from streamprune.errors import ConfigError
     from streamprune.sources import open_source
     from streamprune.transport import run_publisher
 
-    if args.source.lower().startswith("zmq:"):
+    if config.source.lower().startswith("zmq:"):
         raise ConfigError("publish reads a file, camera, URL or synthetic source, not zmq")
-    source = open_source(args.source, loop=args.loop, realtime=True)
+    source = open_source(config.source, loop=config.loop, realtime=True)
     stop = threading.Event()
     try:
-        stats = run_publisher(source, args.bind, stop, allow_remote=args.allow_remote,
+        stats = run_publisher(source, config.bind, stop, allow_remote=config.allow_remote,
                               on_ready=lambda endpoint: sys.stderr.write(f"publishing on {endpoint}\n"))
     finally:
         stop.set()

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +84,15 @@ class CacherStats:
     def flops_saved_share(self) -> float:
         """1 - spent/full over the frames seen (0 before any frame)."""
         return 0.0 if self.flops_full == 0 else 1.0 - self.flops_spent / self.flops_full
+
+    def since(self, before: "CacherStats") -> "CacherStats":
+        """What happened after the snapshot `before` (a stream's cacher counts over all its calls)."""
+        return CacherStats(**{f.name: getattr(self, f.name) - getattr(before, f.name) for f in fields(self)})
+
+    def as_dict(self) -> dict[str, float]:
+        return {"cacher_frames": self.frames, "cacher_hits": self.cache_hits,
+                "cacher_full_refreshes": self.full_refreshes,
+                "vision_flops_saved_share": round(self.flops_saved_share, 4)}
 
 
 @dataclass
@@ -445,13 +454,3 @@ class QwenSTCCacher(_StreamCacher):
             (hidden,) = self._run_frame(x, blocks, (h, w), [len(blocks)], fixed)
             merged.append(v.merger(hidden)[restore])
         return torch.cat(merged)
-
-
-def make_cacher(model: nn.Module, config: CacherConfig | None = None) -> STCCacher | QwenSTCCacher:
-    """The cacher for a transformers LLaVA-OneVision or Qwen2.5-VL model (one per stream)."""
-    kind = getattr(model.config, "model_type", "")
-    if kind == "llava_onevision":
-        return STCCacher.from_llava_onevision(model, config)
-    if kind == "qwen2_5_vl":
-        return QwenSTCCacher.from_qwen2_5_vl(model, config)
-    raise ConfigError(f"STC-Cacher supports llava_onevision and qwen2_5_vl models, got {kind or type(model).__name__}")

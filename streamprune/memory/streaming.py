@@ -30,7 +30,7 @@ the per-frame budget by the configured method. When the store is over budget:
 By default the "KV cache" is NOT kept incrementally: each question re-prefills the LLM from this
 bounded visual memory (plus the prompt), so the bound on visual tokens is a bound on the KV cache
 built for each answer, and the prefill cost per question is O(kv_budget). A `MemoryListener`
-(`streamprune.runtime.live.IncrementalKV`) can instead keep a KV cache in step with the store:
+(`streamprune.memory.kv_cache.IncrementalKV`) can instead keep a KV cache in step with the store:
 prefilled unit by unit, evicted and merged with it.
 """
 
@@ -44,36 +44,11 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from streamprune.config import MemoryConfig
 from streamprune.errors import ConfigError
 from streamprune.pruning.fastvid import dyseg
 
 _RENORMALISE_BELOW = 1e-150  # lazy-decay scale at which stored scores are folded back
-
-
-@dataclass
-class MemoryConfig:
-    """Bounds and rules of the streaming memory.
-
-    kv_budget:     most visual tokens ever held.
-    recent_frames: newest units kept as they arrived (never compressed or evicted).
-    alpha:         A2SF forgetting factor per unit (paper default 0.95).
-    segment_tau:   DySeg cut threshold on consecutive frame cosine (FastVID default 0.9).
-    static_tau:    HoliTom static threshold for merging tokens at one position (default 0.8).
-    """
-
-    kv_budget: int = 2048
-    recent_frames: int = 8
-    alpha: float = 0.95
-    segment_tau: float = 0.9
-    static_tau: float = 0.8
-
-    def __post_init__(self) -> None:
-        if self.kv_budget < 1:
-            raise ConfigError(f"kv budget must be >= 1 token, got {self.kv_budget}")
-        if self.recent_frames < 1:
-            raise ConfigError(f"recent window must be >= 1 frame, got {self.recent_frames}")
-        if not 0.0 < self.alpha <= 1.0:
-            raise ConfigError(f"A2SF alpha must be in (0, 1], got {self.alpha}")
 
 
 @dataclass

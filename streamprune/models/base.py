@@ -8,6 +8,7 @@ prefill and decode through the same code.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -18,9 +19,12 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from streamprune.encode.cacher import CacherConfig, CacherStats
 from streamprune.errors import ConfigError
+from streamprune.models.generate import NextLogits, greedy_decode
+from streamprune.models.inner import InnerStage
 from streamprune.models.prompt import PromptIds, build_prompt_ids
-from streamprune.pruning.base import Budget, PruneContext, PruningMethod
+from streamprune.pruning.base import PruneContext
 from streamprune.pruning.recipe import PruningRecipe
 from streamprune.types import Selection, VisualTokens
 
@@ -37,6 +41,7 @@ class EncodedVideo:
     tokens: VisualTokens
     always_kept: torch.Tensor
     fps: float
+    cacher_stats: CacherStats | None = None
 
 
 @dataclass
@@ -82,6 +87,7 @@ class Answer:
     visual_tokens_kept: int
     visual_tokens_pre_llm: int = 0  # kept before the LLM (differs from kept with an inner-LLM stage)
     timings_ms: dict[str, float] = field(default_factory=dict)
+    cacher: CacherStats | None = None  # what the recipe's STC-Cacher did for this clip (None: no cacher)
 
 
 class Timer:
@@ -111,6 +117,13 @@ class VideoLLMAdapter(ABC):
 
     family: str = ""
     default_template: str = ""
+    # capabilities the runtime asks for instead of comparing family names:
+    position_kind: str = "1d"  # "1d": one sequence index per token; "mrope": (t, h, w) rotary ids
+
+    @property
+    def frames_per_unit(self) -> int:
+        """Frames the vision tower folds into one temporal unit of tokens (Qwen2.5-VL: 2)."""
+        return 1
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, model_dir: str | Path | None = None,
                  prompt_template: str | None = None, eos_token: str | None = None) -> None:
@@ -128,17 +141,9 @@ class VideoLLMAdapter(ABC):
         With an STC `cacher` (one per stream, see streamprune.encode) the vision tower reuses
         work across frames of the stream."""
 
-    def make_cacher(self, recipe: PruningRecipe) -> Any:
-        """A fresh per-stream STC-Cacher if the pipeline has a `stc_cacher` stage, else None."""
-        options = recipe.encoder_options.get("stc_cacher")
-        if options is None:
-            return None
-        from streamprune.encode.cacher import CacherConfig, make_cacher
-
-        if recipe.requires & {"vit_attention"}:
-            raise ConfigError(f"pipeline {pipeline.name!r}: stc_cacher cannot be combined with methods that read "
-                              "vision-encoder attention")
-        return make_cacher(self.model, CacherConfig(**options))
+    @abstractmethod
+    def build_cacher(self, config: CacherConfig) -> Any:
+        """This family's STC-Cacher (streamprune.encode) over its own vision tower."""
 
     @abstractmethod
     def layout(self, video: EncodedVideo, prompt: PromptIds) -> PromptLayout:
@@ -169,12 +174,50 @@ class VideoLLMAdapter(ABC):
                 ids.add(tid)
         return ids
 
-    def _embed(self, ids: list[int]) -> torch.Tensor:
+    def embed_ids(self, ids: list[int]) -> torch.Tensor:
+        """Input embeddings `[len(ids), D]` of text token ids."""
         return self.model.get_input_embeddings()(torch.tensor(ids, dtype=torch.long))
+
+    # -- the encoder stage: the one place a recipe's STC-Cacher is applied --------------------------
+    def new_cacher(self, recipe: PruningRecipe) -> Any:
+        """A fresh per-stream STC-Cacher if the recipe has a `stc_cacher` stage, else None."""
+        options = recipe.encoder_options.get("stc_cacher")
+        if options is None:
+            return None
+        if recipe.requires & {"vit_attention"}:
+            raise ConfigError(f"recipe {recipe.name!r}: stc_cacher cannot be combined with methods that read "
+                              "vision-encoder attention")
+        return self.build_cacher(CacherConfig(**options))
+
+    def encode_for(self, frames: np.ndarray, recipe: PruningRecipe, fps: float = 1.0, cacher: Any = None,
+                   extra_signals: frozenset[str] = frozenset()) -> EncodedVideo:
+        """Encode as `recipe` asks: the side signals its selectors read (plus `extra_signals`, for
+        one encoding shared by several recipes), and its STC-Cacher. A stream passes its own
+        `cacher` (kept warm across calls, from `new_cacher`); otherwise a recipe that names one gets
+        a fresh cacher for this clip. The video carries the cacher's counters for this call."""
+        cacher = cacher if cacher is not None else self.new_cacher(recipe)
+        before = dataclasses.replace(cacher.stats) if cacher is not None else None
+        video = self.encode(frames, fps=fps, signals=recipe.requires | extra_signals, cacher=cacher)
+        if cacher is not None:
+            video.cacher_stats = cacher.stats.since(before)
+        return video
+
+    def decoder_step(self, cache: DynamicCache, position_dims: int, next_position: int,
+                     after_layer: "LayerTap | None" = None) -> NextLogits:
+        """`feed(token) -> logits` for `greedy_decode`: one token on top of `cache` at the next position."""
+        position = next_position
+
+        def feed(token: int) -> torch.Tensor:
+            nonlocal position
+            pos = torch.full((position_dims, 1), position, dtype=torch.long)
+            position += 1
+            return self.logits(self.forward_layers(self.embed_ids([token]), pos, cache, after_layer=after_layer)[-1])
+
+        return feed
 
     @torch.inference_mode()
     def forward_layers(self, embeds: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
-                       inner: "InnerStage | None" = None, after_layer: "LayerTap | None" = None) -> torch.Tensor:
+                       inner: InnerStage | None = None, after_layer: "LayerTap | None" = None) -> torch.Tensor:
         """Run the decoder stack on `[L, D]` embeds at `[P, L]` positions, appending to `cache`.
         Returns the final-norm hidden states `[L', D]` (L' < L if `inner` pruned at its layer).
 
@@ -220,7 +263,7 @@ class VideoLLMAdapter(ABC):
         return self.model.lm_head(hidden)
 
     def inner_stage(self, recipe: PruningRecipe, video: EncodedVideo, selection: Selection,
-                    kept_slots: torch.Tensor, embeds: torch.Tensor, ctx: PruneContext) -> "InnerStage | None":
+                    kept_slots: torch.Tensor, embeds: torch.Tensor, ctx: PruneContext) -> InnerStage | None:
         """The pipeline's inner-LLM stage for one prefill of the pre-LLM survivors, or None."""
         if recipe.inner_llm is None:
             return None
@@ -242,7 +285,7 @@ class VideoLLMAdapter(ABC):
         """Encode, prune, prefill and greedily decode an answer, timing each phase."""
         timer = Timer()
         with timer("encode"):
-            video = self.encode(frames, fps=fps, signals=recipe.requires, cacher=self.make_cacher(recipe))
+            video = self.encode_for(frames, recipe, fps=fps)
         return self.answer_encoded(video, question, recipe, ctx, max_new_tokens, timer)
 
     @torch.inference_mode()
@@ -259,99 +302,16 @@ class VideoLLMAdapter(ABC):
         cache = DynamicCache()
         with timer("prefill"):
             hidden = self.forward_layers(embeds, positions, cache, inner)
-            next_id = int(self.logits(hidden[-1]).argmax())
-        out: list[int] = []
+            first = self.logits(hidden[-1])
         with timer("decode"):
-            position = layout.next_position
-            while next_id not in self.eos_ids and len(out) < max_new_tokens:
-                out.append(next_id)
-                if len(out) == max_new_tokens:
-                    break
-                pos = torch.full((positions.shape[0], 1), position, dtype=torch.long)
-                hidden = self.forward_layers(self._embed([next_id]), pos, cache)
-                next_id = int(self.logits(hidden[-1]).argmax())
-                position += 1
+            out = greedy_decode(first, self.decoder_step(cache, positions.shape[0], layout.next_position),
+                                max_new_tokens, self.eos_ids)
         text = self.tokenizer.decode(out, skip_special_tokens=True).strip()
         kept = inner.kept if inner is not None else len(selection)
         return Answer(text=text, token_ids=out, visual_tokens_in=len(video.tokens),
-                      visual_tokens_kept=kept, visual_tokens_pre_llm=len(selection), timings_ms=dict(timer.ms))
+                      visual_tokens_kept=kept, visual_tokens_pre_llm=len(selection), timings_ms=dict(timer.ms),
+                      cacher=video.cacher_stats)
 
 
+# after_layer(index, layer, hidden_in, rope, cache): called after each decoder layer (e.g. to read attention)
 LayerTap = Callable[[int, torch.nn.Module, torch.Tensor, tuple[torch.Tensor, torch.Tensor], DynamicCache], None]
-
-
-class InnerStage:
-    """An inner-LLM pruning stage during one prefill: at layer `method.config.layer - 1` it
-    computes, beside the normal attention, the attention the visual tokens receive from the last
-    prompt token and from all prompt tokens; at `layer` it lets the method choose among the
-    visual hidden states and slices the sequence (positions stay the originals)."""
-
-    def __init__(self, adapter: VideoLLMAdapter, method: PruningMethod, budget: Budget, ctx: PruneContext,
-                 visual_slots: torch.Tensor, input_embeds: torch.Tensor, thw: torch.Tensor | None = None,
-                 grid: tuple[int, int, int] | None = None) -> None:
-        self.layer = inner_layer(adapter, method)
-        self.method, self.budget, self.ctx = method, budget, ctx
-        self.visual_slots = visual_slots
-        self.input_embeds = input_embeds
-        # grid positions of the tokens reaching the stage (methods that compare frames need them)
-        n = len(visual_slots)
-        self.thw = thw if thw is not None else torch.zeros(n, 3, dtype=torch.long)
-        self.grid = grid if grid is not None else (1, 1, n)
-        self.attention: dict[str, torch.Tensor] = {}
-        self.kept = len(visual_slots)
-        # after pruning: which of the visual_slots survived, and their index in the new sequence
-        self.survivors = torch.arange(len(visual_slots))
-        self.survivor_slots = visual_slots
-
-    def observe(self, layer: torch.nn.Module, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> None:
-        attn = layer.self_attn
-        x = layer.input_layernorm(hidden)[0]  # [L, C]
-        length = x.shape[0]
-        heads = attn.config.num_attention_heads
-        q = attn.q_proj(x).view(length, heads, -1).transpose(0, 1)  # [H, L, d]
-        k = attn.k_proj(x).view(length, -1, attn.head_dim).transpose(0, 1)  # [Hkv, L, d]
-        cos, sin = (r[0][None] for r in rope)  # [1, L, d]
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        k = k.repeat_interleave(heads // k.shape[0], dim=0)
-        # the last query row is O(L d); the all-query mean is O(L^2 d), so only when asked for
-        last = torch.softmax((q[:, -1:].float() @ k.float().transpose(1, 2)) * attn.scaling, dim=-1)
-        self.attention = {"llm_attention_last": last.mean(dim=0)[0, self.visual_slots]}
-        if "llm_attention_mean" in self.method.requires:
-            mean = torch.zeros(length)
-            causal = torch.ones(length, length, dtype=torch.bool).tril()
-            for head in range(heads):
-                scores = (q[head].float() @ k[head].float().T) * attn.scaling
-                mean += torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1).mean(dim=0)
-            self.attention["llm_attention_mean"] = mean[self.visual_slots] / heads
-
-    def prune(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        t_slots = self.visual_slots
-        tokens = VisualTokens(
-            features=hidden[0, t_slots],
-            thw=self.thw,
-            grid=self.grid,
-            signals={**self.attention, "input_embeds": self.input_embeds},
-        )
-        selection = self.method(tokens, self.budget, self.ctx)
-        keep = torch.ones(hidden.shape[1], dtype=torch.bool)
-        keep[t_slots] = False
-        keep[t_slots[selection.indices]] = True
-        if selection.features is not None:
-            hidden = hidden.clone()
-            hidden[0, t_slots[selection.indices]] = selection.features.to(hidden.dtype)
-        self.kept = len(selection)
-        self.survivors = selection.indices
-        self.survivor_slots = (torch.cumsum(keep, 0) - 1)[t_slots[selection.indices]]
-        return hidden[:, keep], positions[:, keep]
-
-
-def inner_layer(adapter: VideoLLMAdapter, method: PruningMethod) -> int:
-    """The decoder layer an inner stage prunes at: its configured layer, clamped to the model
-    (tiny models have fewer layers than the papers' K)."""
-    return max(1, min(int(method.config.layer), len(adapter.language_model.layers) - 1))
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin

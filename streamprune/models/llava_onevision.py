@@ -13,10 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from streamprune.encode.cacher import CacherConfig, STCCacher
 from streamprune.models.base import EncodedVideo, PromptLayout, VideoLLMAdapter
 from streamprune.models.preprocess import SIGLIP_NORM, Normalisation, square_pixels
 from streamprune.models.prompt import QWEN_CHAT_TEMPLATE, PromptIds
-from streamprune.models.vision_attention import column_mean_attention, received_attention
+from streamprune.models.attention import column_mean_attention, received_attention
 from streamprune.types import VisualTokens
 
 
@@ -27,6 +28,9 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
     @property
     def _video_token_id(self) -> int:
         return self.model.config.video_token_id
+
+    def build_cacher(self, config: CacherConfig) -> STCCacher:
+        return STCCacher.from_llava_onevision(self.model, config)
 
     def pixels(self, frames: np.ndarray) -> torch.Tensor:
         """`[T, H, W, 3]` uint8 -> `[T, 3, S, S]` as the vision tower expects."""
@@ -65,7 +69,7 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
     def layout(self, video: EncodedVideo, prompt: PromptIds) -> PromptLayout:
         n_visual = len(video.tokens) + video.always_kept.shape[0]
         ids = prompt.prefix + [self._video_token_id] * n_visual + prompt.suffix
-        embeds = self._embed(ids)
+        embeds = self.embed_ids(ids)
         start = len(prompt.prefix)
         visual = torch.cat([video.tokens.features, video.always_kept]).to(embeds.dtype)
         embeds[start:start + n_visual] = visual

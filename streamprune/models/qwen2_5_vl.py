@@ -15,10 +15,11 @@ import numpy as np
 import torch
 from transformers.vision_utils import get_vision_window_index
 
+from streamprune.encode.cacher import CacherConfig, QwenSTCCacher
+from streamprune.models.attention import apply_rope, column_mean_attention, received_attention
 from streamprune.models.base import EncodedVideo, PromptLayout, VideoLLMAdapter
 from streamprune.models.preprocess import CLIP_NORM, Normalisation, qwen_video_patches
 from streamprune.models.prompt import PromptIds
-from streamprune.models.vision_attention import column_mean_attention, received_attention
 from streamprune.types import VisualTokens
 
 QWEN_VL_CHAT_TEMPLATE = (
@@ -30,6 +31,14 @@ VIDEO_TYPE = 2  # mm_token_type_ids value of video tokens
 class Qwen25VLAdapter(VideoLLMAdapter):
     family = "qwen2_5_vl"
     default_template = QWEN_VL_CHAT_TEMPLATE
+    position_kind = "mrope"
+
+    @property
+    def frames_per_unit(self) -> int:
+        return int(self._vision.temporal_patch_size)
+
+    def build_cacher(self, config: CacherConfig) -> QwenSTCCacher:
+        return QwenSTCCacher.from_qwen2_5_vl(self.model, config)
 
     @property
     def _vision(self):
@@ -93,7 +102,7 @@ class Qwen25VLAdapter(VideoLLMAdapter):
             torch.tensor([ids]), mm_token_type_ids=types, video_grid_thw=grid_thw,
             second_per_grid_ts=self._second_per_grid(video.fps),
         )
-        embeds = self._embed(ids)
+        embeds = self.embed_ids(ids)
         start = len(prompt.prefix)
         embeds[start:start + n] = video.tokens.features.to(embeds.dtype)
         positions = positions[:, 0, :]  # [3, L]
@@ -119,9 +128,8 @@ class Qwen25VLAdapter(VideoLLMAdapter):
         seq = x.shape[0]
         q, k, _ = module.qkv(x).reshape(seq, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         cos, sin = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
-        rot = lambda v: torch.cat((-v[..., v.shape[-1] // 2:], v[..., : v.shape[-1] // 2]), dim=-1)  # noqa: E731
-        q = (q.float() * cos + rot(q.float()) * sin).transpose(0, 1)  # [H, S, d]
-        k = (k.float() * cos + rot(k.float()) * sin).transpose(0, 1)
+        q = apply_rope(q.float(), cos, sin).transpose(0, 1)  # [H, S, d]
+        k = apply_rope(k.float(), cos, sin).transpose(0, 1)
         received = torch.empty(seq)
         bounds = cu.tolist()
         for a, b in zip(bounds[:-1], bounds[1:]):

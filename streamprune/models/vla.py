@@ -23,12 +23,13 @@ import torch
 from transformers import DynamicCache
 
 from streamprune.errors import ModelError
-from streamprune.models.base import InnerStage, _rotate
+from streamprune.models.attention import last_query_attention
+from streamprune.models.generate import greedy_decode
+from streamprune.models.inner import InnerStage
 from streamprune.models.llava_onevision import LlavaOnevisionAdapter
 from streamprune.models.prompt import read_sidecar
 from streamprune.pruning.base import PruneContext
 from streamprune.pruning.recipe import PruningRecipe
-from streamprune.pruning.vla_pruner import VLAPruner, reset_action_history
 
 ACTION_BINS = 256
 
@@ -81,15 +82,9 @@ class ActionAttentionTap:
                  rope: tuple[torch.Tensor, torch.Tensor], cache: DynamicCache) -> None:
         if index != self.layer:
             return
-        attn = layer.self_attn
-        x = layer.input_layernorm(hidden_in)[0, -1:]  # [1, C]
-        heads = attn.config.num_attention_heads
-        q = attn.q_proj(x).view(1, heads, -1).transpose(0, 1)  # [H, 1, d]
-        cos, sin = (r[0, -1:][None] for r in rope)
-        q = _rotate(q, cos, sin)
-        keys = cache.layers[index].keys[0]  # [Hkv, S, d], rotary already applied
-        keys = keys.repeat_interleave(heads // keys.shape[0], dim=0)
-        probs = torch.softmax((q.float() @ keys.float().transpose(1, 2)) * attn.scaling, dim=-1).mean(0)[0]
+        length = hidden_in.shape[1]
+        past = cache.layers[index].keys[0][:, : cache.get_seq_length(index) - length]  # before this call
+        probs = last_query_attention(layer, hidden_in, rope, past)
         if self.inner is not None and index >= self.inner.layer:
             original = self.pre_indices[self.inner.survivors]
             slots = self.inner.survivor_slots
@@ -102,9 +97,12 @@ class ActionAttentionTap:
         return self.total / max(1, self.calls)
 
 
+ENCODER_KEY = "vla.stc_cacher"  # PruneContext.state: the episode's STC-Cacher
+
+
 class VLAPolicy:
-    """image + instruction -> action, with any pruning pipeline; one object serves many episodes
-    (per-episode state lives in the PruneContext)."""
+    """image + instruction -> action, with any pruning recipe; one object serves many episodes
+    (per-episode state, the recipe's STC-Cacher included, lives in the PruneContext)."""
 
     def __init__(self, adapter: LlavaOnevisionAdapter, actions: ActionTokenizer, action_layer: int | None = None) -> None:
         self.adapter = adapter
@@ -116,10 +114,10 @@ class VLAPolicy:
         self.action_layer = default if action_layer is None else max(0, min(action_layer, depth - 1))
 
     @classmethod
-    def load(cls, path: str | Path) -> "VLAPolicy":
+    def load(cls, path: str | Path, attn_implementation: str = "sdpa") -> "VLAPolicy":
         from streamprune.models import load_adapter
 
-        adapter = load_adapter(path)
+        adapter = load_adapter(path, attn_implementation)
         spec = read_sidecar(path).get("vla")
         if not isinstance(adapter, LlavaOnevisionAdapter) or not spec:
             raise ModelError(f"{path} is not a streamprune VLA policy (needs a LLaVA-OneVision model and a "
@@ -130,15 +128,19 @@ class VLAPolicy:
         return cls(adapter, actions, spec.get("action_layer"))
 
     @staticmethod
-    def reset(ctx: PruneContext) -> None:
-        """Start of an episode: forget VLA-Pruner's action-attention history."""
-        reset_action_history(ctx)
+    def reset(recipe: PruningRecipe, ctx: PruneContext) -> None:
+        """Start of an episode: the recipe's stages forget their history (VLA-Pruner's action
+        attention) and the camera's STC-Cacher starts cold."""
+        recipe.start_stream(ctx)
+        ctx.state.pop(ENCODER_KEY, None)
 
     @torch.inference_mode()
     def act(self, image: np.ndarray, instruction: str, recipe: PruningRecipe, ctx: PruneContext) -> PolicyStep:
         start = time.perf_counter()
         adapter = self.adapter
-        video = adapter.encode(image[None], fps=1.0, signals=recipe.requires)
+        if ENCODER_KEY not in ctx.state:
+            ctx.state[ENCODER_KEY] = adapter.new_cacher(recipe)
+        video = adapter.encode_for(image[None], recipe, fps=1.0, cacher=ctx.state[ENCODER_KEY])
         selection = recipe.select(video.tokens, ctx)
         layout = adapter.layout(video, adapter.prompt_ids(instruction))
         embeds, positions, kept_slots = layout.keep(selection)
@@ -146,20 +148,12 @@ class VLAPolicy:
         tap = ActionAttentionTap(self.action_layer, len(video.tokens), selection.indices, kept_slots, inner)
         cache = DynamicCache()
         hidden = adapter.forward_layers(embeds, positions, cache, inner, tap)
-        ids: list[int] = []
-        position = layout.next_position
         first = self.actions.first_id
-        for dim in range(self.actions.dims):
-            logits = adapter.logits(hidden[-1])[first:first + self.actions.bins]
-            ids.append(first + int(logits.argmax()))
-            if dim == self.actions.dims - 1:
-                break
-            step_pos = torch.full((positions.shape[0], 1), position, dtype=torch.long)
-            hidden = adapter.forward_layers(adapter._embed([ids[-1]]), step_pos, cache, after_layer=tap)
-            position += 1
+        ids = greedy_decode(adapter.logits(hidden[-1]),
+                            adapter.decoder_step(cache, positions.shape[0], layout.next_position, tap),
+                            self.actions.dims, allowed=slice(first, first + self.actions.bins))
         attention = tap.mean()
-        if isinstance(recipe.inner_llm, VLAPruner):
-            recipe.inner_llm.push_action(ctx, attention)
+        recipe.observe_action(ctx, attention)
         kept = inner.kept if inner is not None else len(selection)
         return PolicyStep(action=self.actions.to_action(ids), visual_tokens_in=len(video.tokens),
                           visual_tokens_kept=kept, latency_ms=(time.perf_counter() - start) * 1000,

@@ -77,6 +77,13 @@ class PruningMethod(ABC):
     def select(self, tokens: VisualTokens, budget: Budget, ctx: PruneContext) -> Selection:
         """Choose (and possibly merge) at most `budget.count(len(tokens))` tokens."""
 
+    def start_stream(self, ctx: PruneContext) -> None:
+        """A new stream or episode begins: forget per-stream state kept in `ctx` (default: none kept)."""
+
+    def observe_action(self, ctx: PruneContext, action_attention: torch.Tensor) -> None:
+        """Feedback after a control step: the action tokens' attention `[N]` to the unpruned visual
+        tokens (0 where pruned). Methods that rank by past actions (VLA-Pruner) record it."""
+
     def __call__(self, tokens: VisualTokens, budget: Budget, ctx: PruneContext | None = None) -> Selection:
         missing = [k for k in self.requires if k not in tokens.signals and k not in tokens.frame_signals]
         if missing:

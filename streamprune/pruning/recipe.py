@@ -1,4 +1,5 @@
-"""A pruning pipeline: pre-LLM selectors applied in order, then at most one inner-LLM stage.
+"""A pruning recipe: an encoder stage (STC-Cacher), pre-LLM selectors applied in order, then at
+most one inner-LLM stage; read from configs/methods/NAME.yaml or a single registered method.
 
 Each stage sees the previous stage's survivors; selections compose back to indices of the
 original tokens, so positions stay the originals however many stages run.
@@ -22,6 +23,9 @@ ENCODER_STAGES = {"stc_cacher"}
 
 @dataclass
 class PruningRecipe:
+    """What to do to a video's visual tokens; `encoder_options` configure encoder stages (applied by
+    `VideoLLMAdapter.encode_for`), `pre_llm` run on the LLM-input tokens, `inner_llm` in the prefill."""
+
     name: str
     budget: Budget
     pre_llm: list[PruningMethod] = field(default_factory=list)
@@ -46,6 +50,20 @@ class PruningRecipe:
             selection = step if selection is None else compose(selection, step)
             current = step.apply(current)
         return selection
+
+    @property
+    def methods(self) -> list[PruningMethod]:
+        return self.pre_llm + ([self.inner_llm] if self.inner_llm is not None else [])
+
+    def start_stream(self, ctx: PruneContext) -> None:
+        """A new stream or episode: every stage forgets its per-stream state in `ctx`."""
+        for method in self.methods:
+            method.start_stream(ctx)
+
+    def observe_action(self, ctx: PruneContext, action_attention: torch.Tensor) -> None:
+        """Action feedback after a control step, passed to every stage (see PruningMethod)."""
+        for method in self.methods:
+            method.observe_action(ctx, action_attention)
 
     def _pre_llm_prunes(self) -> bool:
         return any(m.name != "none" for m in self.pre_llm)
@@ -87,7 +105,7 @@ def build_recipe(name: str, retain: float | None = None, max_tokens: int | None 
         method = make_method(stage.method, **stage.options)
         if method.stage == "inner_llm":
             if recipe.inner_llm is not None:
-                raise ConfigError(f"pipeline {name!r} has more than one inner-LLM stage")
+                raise ConfigError(f"recipe {name!r} has more than one inner-LLM stage")
             recipe.inner_llm = method
         else:
             recipe.pre_llm.append(method)

@@ -115,9 +115,11 @@ class VLAPruner(PruningMethod):
         super().__init__(config)
         self.requires = frozenset({self.config.semantic, "input_embeds"})
 
-    def push_action(self, ctx: PruneContext, attention: torch.Tensor) -> None:
-        """`push_action_attention` with this method's window: call after every control step."""
-        push_action_attention(ctx, attention, self.config.window)
+    def start_stream(self, ctx: PruneContext) -> None:
+        reset_action_history(ctx)
+
+    def observe_action(self, ctx: PruneContext, action_attention: torch.Tensor) -> None:
+        push_action_attention(ctx, action_attention, self.config.window)
 
     def select(self, tokens: VisualTokens, budget: Budget, ctx: PruneContext) -> Selection:
         n = len(tokens)

@@ -1,2 +1,5 @@
-"""Jobs assembled from the library pieces (decode, sources, models, pruning), e.g. `batch`: one
-question answered about many video files, optionally spread over a Ray cluster."""
+"""The runtime: jobs assembled from the library rooms below it (decode, sources, models, memory,
+pruning, transport). Live streams: `live_runner` drives `live_stages` (encode with the recipe's
+STC-Cacher -> per-unit selection -> bounded memory + LLM) through `queues`, in-process or as Ray
+actors. Batches: `batch_job` plans, decodes and answers many files (`batch_inputs`,
+`batch_results`), in-process or on Ray (`batch_ray`). Robots: `robot` runs a VLA in a gym env."""

@@ -53,10 +53,10 @@ def run_episodes(policy: VLAPolicy, env_id: str, recipe: PruningRecipe, episodes
             policy.act(obs["image"], obs["instruction"], recipe, ctx)
     successes, lengths, latencies, kept, tokens_in = [], [], [], [], []
     wall = 0.0
-    bar = tqdm(range(episodes), desc=f"{pipeline.name}", unit="ep", disable=not progress)
+    bar = tqdm(range(episodes), desc=f"{recipe.name}", unit="ep", disable=not progress)
     for episode in bar:
         obs, info = env.reset(seed=HELD_OUT_SEED + seed + episode)
-        policy.reset(ctx)
+        policy.reset(recipe, ctx)
         frames = [obs["image"]]
         steps, success = 0, False
         start = time.perf_counter()
@@ -79,7 +79,7 @@ def run_episodes(policy: VLAPolicy, env_id: str, recipe: PruningRecipe, episodes
             from streamprune.videofile import write_video
 
             video_out.mkdir(parents=True, exist_ok=True)
-            write_video(video_out / f"{pipeline.name}_ep{episode:03d}.mp4", np.stack(frames), 10.0, "h264")
+            write_video(video_out / f"{recipe.name}_ep{episode:03d}.mp4", np.stack(frames), 10.0, "h264")
     env.close()
     return {
         "method": recipe.name, "retain": recipe.budget.retain, "episodes": episodes,

@@ -102,6 +102,6 @@ class PolicyServer:
         known = self._episodes.get(identity)
         if known is None or known[0] != episode:
             ctx = PruneContext()
-            self.policy.reset(ctx)
+            self.policy.reset(self.recipe, ctx)
             self._episodes[identity] = (episode, ctx)
         return self._episodes[identity][1]
