@@ -95,7 +95,7 @@ def test_vision_attention_signal_is_a_distribution_over_patches(tiny_adapters, f
 def test_inner_llm_attention_matches_eager_attention_weights(tiny_model_dirs, family):
     """The side-computed attention at layer K-1 equals what eager attention reports."""
     from streamprune.models import load_adapter
-    from streamprune.models.base import InnerStage
+    from streamprune.models.inner import InnerStage
     from streamprune.pruning.base import Budget, PruneContext
     from streamprune.pruning.registry import make_method
 
@@ -119,12 +119,12 @@ def test_inner_llm_attention_matches_eager_attention_weights(tiny_model_dirs, fa
 def test_stc_cacher_with_full_recompute_matches_plain_encoding(tiny_adapters, family):
     """The cacher path through the adapter (projector, pooling, newline / merger) rebuilds exactly
     the features the model's own video path gives when every token is recomputed."""
-    from streamprune.encode.cacher import CacherConfig, make_cacher
+    from streamprune.encode.cacher import CacherConfig
 
     adapter = tiny_adapters[family]
     clip = random_clip(frames=4)
     plain = adapter.encode(clip, fps=2.0)
-    cacher = make_cacher(adapter.model, CacherConfig(update_token_ratio=1.0, cache_interval=4, refresh_threshold=None))
+    cacher = adapter.build_cacher(CacherConfig(update_token_ratio=1.0, cache_interval=4, refresh_threshold=None))
     cached = adapter.encode(clip, fps=2.0, cacher=cacher)
     assert torch.allclose(cached.tokens.features, plain.tokens.features, atol=1e-5)
     assert torch.allclose(cached.always_kept, plain.always_kept)
@@ -134,7 +134,7 @@ def test_stc_cacher_with_full_recompute_matches_plain_encoding(tiny_adapters, fa
 def test_stc_pipeline_answers_through_the_cacher(tiny_adapters):
     adapter = tiny_adapters["llava_onevision"]
     recipe = build_recipe("stc")
-    assert adapter.make_cacher(recipe) is not None
+    assert adapter.new_cacher(recipe) is not None
     answer = adapter.answer(random_clip(frames=4), QUESTION, recipe, fps=2.0, max_new_tokens=2)
     assert answer.visual_tokens_kept <= recipe.budget.count(answer.visual_tokens_in)
 

@@ -14,7 +14,7 @@ from transformers import (
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
-from streamprune.encode import CacherConfig, QwenSTCCacher, STCCacher, make_cacher
+from streamprune.encode import CacherConfig, QwenSTCCacher, STCCacher
 from streamprune.errors import ConfigError, InputError
 from streamprune.models.preprocess import qwen_video_patches
 from streamprune.models.tiny import tiny_llava_onevision, tiny_qwen2_5_vl, word_tokenizer
@@ -257,11 +257,11 @@ def test_qwen_cacher_reuse_beats_stale_features_on_slow_pan(qwen_visual) -> None
     assert cos > 0.88 and (1 - cos) < 0.75 * (1 - stale)
 
 
-def test_make_cacher_matches_each_family_vision_path() -> None:
-    tokenizer = word_tokenizer()
-    assert isinstance(make_cacher(tiny_llava_onevision(tokenizer)), STCCacher)
-    model = tiny_qwen2_5_vl(tokenizer)
-    cacher = make_cacher(model, CacherConfig(update_token_ratio=1.0, refresh_threshold=None))
+def test_each_family_adapter_builds_the_cacher_of_its_vision_path(tiny_adapters) -> None:
+    assert isinstance(tiny_adapters["llava_onevision"].build_cacher(CacherConfig()), STCCacher)
+    adapter = tiny_adapters["qwen2_5_vl"]
+    model = adapter.model
+    cacher = adapter.build_cacher(CacherConfig(update_token_ratio=1.0, refresh_threshold=None))
     assert isinstance(cacher, QwenSTCCacher)
     frames = torch.randint(0, 256, (4, 112, 168, 3), generator=torch.Generator().manual_seed(10), dtype=torch.uint8)
     patches, grid = qwen_video_patches(frames.numpy(), min_pixels=112 * 168, max_pixels=112 * 168)

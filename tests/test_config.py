@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from streamprune.config import (CONFIG_DIR, AskConfig, MethodConfig, from_dict, load_pipeline_defaults,
+from streamprune.config import (CONFIG_DIR, AskConfig, MethodConfig, from_dict, load_command_defaults,
                                 method_config, resolve_model)
 from streamprune.errors import ConfigError
 from streamprune.pruning.recipe import build_recipe
 
 
 def test_ask_defaults_come_from_the_yaml_file():
-    cfg = load_pipeline_defaults(AskConfig, "ask")
+    cfg = load_command_defaults(AskConfig, "ask")
     assert (CONFIG_DIR / "pipelines" / "ask.yaml").is_file()
-    assert cfg.decode.fps == 1.0 and cfg.decode.max_frames == 16 and cfg.method == "none"
+    assert cfg.fps == 1.0 and cfg.max_frames == 16 and cfg.method == "none"
 
 
 def test_unknown_key_is_a_config_error():
@@ -35,6 +35,10 @@ def test_flag_budget_overrides_the_method_file():
 
 
 def test_model_names_resolve_to_repository_paths(tmp_path):
-    assert resolve_model(None).path is None
+    assert resolve_model(None).path is None and resolve_model(None).embedded == "videoqa"
     assert resolve_model(str(tmp_path)).path == str(tmp_path)
-    assert resolve_model("default_vla").path == str(CONFIG_DIR.parent / "streamprune/assets/default_vla")
+    assert resolve_model("default_vla").embedded == "vla"
+    from streamprune.models import resolve_model_dir
+
+    assert resolve_model_dir("default_vla")[0] == CONFIG_DIR.parent / "streamprune/assets/default_vla"
+    assert resolve_model_dir(None)[0] == CONFIG_DIR.parent / "streamprune/assets/default_videoqa"

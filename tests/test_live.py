@@ -3,7 +3,6 @@ drop-oldest backpressure, a Ray encoder restart, a zmq source with hostile messa
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
@@ -17,7 +16,10 @@ import torch
 import zmq
 
 from streamprune.memory import MemoryConfig
-from streamprune.runtime.live import DropOldestQueue, LiveConfig, LiveRunner, LocalStages
+from streamprune.config import LiveConfig
+from streamprune.runtime.live_runner import LiveRunner
+from streamprune.runtime.live_stages import LocalStages
+from streamprune.runtime.queues import DropOldestQueue
 from streamprune.sources import open_source
 from streamprune.transport.wire import encode
 
@@ -54,7 +56,7 @@ def test_drop_oldest_queue_drops_the_oldest_and_counts():
 def test_question_attention_credited_to_memory_is_the_eager_last_query_row(tiny_model_dirs):
     from streamprune.models import load_adapter
     from streamprune.models.base import EncodedVideo
-    from streamprune.runtime.live import EncodeStage, MemoryStage
+    from streamprune.runtime.live_stages import EncodeStage, MemoryStage
     from streamprune.types import Frame, VisualTokens
     from tests.tiny import random_clip
 
@@ -94,7 +96,7 @@ def eager_llava(tiny_model_dirs):
 def test_question_before_the_video_fills_the_prefix_and_incremental_kv_refuses_it(tiny_model_dirs):
     from streamprune.errors import ConfigError
     from streamprune.models import load_adapter
-    from streamprune.runtime.live import MemoryStage
+    from streamprune.runtime.live_stages import MemoryStage
 
     adapter = load_adapter(tiny_model_dirs["llava_onevision"])
     adapter.template = "question : {question} <video> answer :"
@@ -114,7 +116,7 @@ def _frames(n: int, start: int = 0, seed: int = 0):
 
 
 def test_incremental_kv_answers_and_credits_exactly_like_reprefill(eager_llava):
-    from streamprune.runtime.live import EncodeStage, MemoryStage
+    from streamprune.runtime.live_stages import EncodeStage, MemoryStage
 
     encoder = EncodeStage(None, adapter=eager_llava)
     chunk = encoder.process(_frames(6), 10.0)
@@ -134,7 +136,7 @@ def test_incremental_kv_answers_and_credits_exactly_like_reprefill(eager_llava):
 
 
 def test_incremental_kv_drops_evicted_rows_and_keeps_the_rest_unchanged(eager_llava):
-    from streamprune.runtime.live import EncodeStage, MemoryStage
+    from streamprune.runtime.live_stages import EncodeStage, MemoryStage
 
     encoder = EncodeStage(None, adapter=eager_llava)
     memory = MemoryConfig(kv_budget=96, recent_frames=2, static_tau=2.0)  # no merging: eviction only
@@ -152,7 +154,7 @@ def test_incremental_kv_drops_evicted_rows_and_keeps_the_rest_unchanged(eager_ll
 
 
 def test_incremental_kv_merge_averages_keys_and_values_with_the_merge_weights(eager_llava):
-    from streamprune.runtime.live import IncrementalKV
+    from streamprune.memory.kv_cache import IncrementalKV
 
     kv = IncrementalKV(eager_llava)
     kv.appended(torch.randn(4, eager_llava.language_model.config.hidden_size))
@@ -167,7 +169,8 @@ def test_incremental_kv_merge_averages_keys_and_values_with_the_merge_weights(ea
 
 def test_inner_llm_methods_and_missing_models_are_refused_before_any_actor_starts(tmp_path):
     from streamprune.errors import ConfigError, ModelError
-    from streamprune.runtime.live import check_model, unit_recipe
+    from streamprune.models import check_model
+    from streamprune.runtime.live_stages import unit_recipe
 
     with pytest.raises(ConfigError, match="inside the LLM"):
         unit_recipe("fastv", 0.5, None)
@@ -274,11 +277,10 @@ def test_oldest_frames_are_dropped_when_the_model_falls_behind(llava_stages):
 @pytest.mark.parametrize("family, flags", [("qwen2_5_vl", []), ("llava_onevision", ["--incremental-kv"])])
 def test_live_job_prints_each_answer_with_its_stream_time(family, flags, tiny_model_dirs, monkeypatch, capsys,
                                                           tmp_path):
-    from streamprune.commands.live import add_live_arguments, run_live
+    from streamprune.cliargs import parse_config
+    from streamprune.commands.live import run as run_live
 
-    parser = argparse.ArgumentParser()
-    add_live_arguments(parser)
-    args = parser.parse_args(["--source", "synthetic:width=32,height=32,fps=30", "--no-ray", "--fps", "10",
+    args = parse_config(LiveConfig(), ["--source", "synthetic:width=32,height=32,fps=30", "--no-ray", "--fps", "10",
                               "--model", str(tiny_model_dirs[family]), "--kv-budget", "160", "--window", "4",
                               "--max-frames", "45", "--max-new-tokens", "3",
                               "--stats-json", str(tmp_path / "s.jsonl"), *flags])
@@ -301,7 +303,7 @@ def ray_cluster():
 
 
 def test_ray_encoder_killed_mid_stream_restarts_and_keeps_answering(ray_cluster, tiny_model_dirs):
-    from streamprune.runtime.live import RayStages
+    from streamprune.runtime.live_stages import RayStages
 
     config = LiveConfig(model=str(tiny_model_dirs["llava_onevision"]), fps=None, batch_frames=4,
                         memory=MemoryConfig(kv_budget=256, recent_frames=8), max_new_tokens=2)
@@ -376,14 +378,14 @@ def test_zmq_source_feeds_the_runtime_and_hostile_messages_are_dropped(llava_sta
 def test_publish_job_serves_a_source_that_a_zmq_subscriber_receives(capsys):
     import socket
 
-    from streamprune.commands.live import add_publish_arguments, run_publish
+    from streamprune.cliargs import parse_config
+    from streamprune.commands.live import run_publish
+    from streamprune.config import PublishConfig
     from streamprune.errors import ConfigError
 
     with socket.socket() as probe:  # a free loopback port for the publisher to bind
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    parser = argparse.ArgumentParser()
-    add_publish_arguments(parser)
     subscriber = open_source(f"zmq://127.0.0.1:{port}")
     received = []
 
@@ -395,12 +397,12 @@ def test_publish_job_serves_a_source_that_a_zmq_subscriber_receives(capsys):
 
     reader = threading.Thread(target=receive)
     reader.start()
-    args = parser.parse_args(["--source", "synthetic:width=40,height=24,fps=30,frames=90",
-                              "--bind", f"tcp://127.0.0.1:{port}"])
+    args = parse_config(PublishConfig(), ["--source", "synthetic:width=40,height=24,fps=30,frames=90",
+                                          "--bind", f"tcp://127.0.0.1:{port}"])
     assert run_publish(args) == 0
     subscriber.close()
     reader.join(timeout=10)
     assert len(received) == 5 and all(f.image.shape == (24, 40, 3) for f in received)
     assert "published 90 frames" in capsys.readouterr().err
     with pytest.raises(ConfigError):
-        run_publish(parser.parse_args(["--source", f"zmq://127.0.0.1:{port}"]))
+        run_publish(parse_config(PublishConfig(), ["--source", f"zmq://127.0.0.1:{port}"]))

@@ -11,7 +11,9 @@ import pytest
 from streamprune.data.synthetic_qa import clip_seed, generate_clip
 from streamprune.memory import MemoryConfig
 from streamprune.models.default import TRAINED_DIR
-from streamprune.runtime.live import LiveConfig, LiveRunner, LocalStages
+from streamprune.config import LiveConfig
+from streamprune.runtime.live_runner import LiveRunner
+from streamprune.runtime.live_stages import LocalStages
 from streamprune.sources import open_source
 from streamprune.videofile import write_video
 

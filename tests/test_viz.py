@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 import av
 import matplotlib.image
 import numpy as np
@@ -11,6 +9,9 @@ import pytest
 import torch
 
 from streamprune import viz
+from streamprune.cliargs import parse_config
+from streamprune.commands.viz import run as run_viz
+from streamprune.config import VizConfig
 from streamprune.decode import decode_frames
 from streamprune.errors import ConfigError, InputError
 from streamprune.pruning.base import PruneContext
@@ -21,10 +22,8 @@ QUESTION = "what happens ?"
 
 
 
-def viz_args(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    viz.add_viz_arguments(parser)
-    return parser.parse_args(list(argv))
+def viz_args(*argv: str) -> VizConfig:
+    return parse_config(VizConfig(), list(argv))
 
 
 def expected_grids(adapter, frames, method, retain, per_step):
@@ -75,7 +74,7 @@ def png_tiles(path, frames) -> list[np.ndarray]:
 
 def test_viz_png_outlines_each_frames_kept_and_merged_tokens(h264_video, tiny_model_dirs, tiny_adapters, tmp_path):
     out = tmp_path / "sheet.png"
-    code = viz.run_viz(viz_args(str(h264_video), "--method", "fastvid", "--retain", "0.25", "--out", str(out),
+    code = run_viz(viz_args(str(h264_video), "--method", "fastvid", "--retain", "0.25", "--out", str(out),
                                 "--model", str(tiny_model_dirs["llava_onevision"]), "--fps", "4", "--max-frames", "4"))
     assert code == 0
     frames = decode_frames(h264_video, fps=4.0, max_frames=4)
@@ -106,7 +105,7 @@ def bright_clip(path, frames: int = 5, height: int = 84, width: int = 112):
 def test_viz_mp4_dims_pruned_cells_and_spans_qwen_frame_pairs(tiny_model_dirs, tiny_adapters, tmp_path):
     video = bright_clip(tmp_path / "bright.mp4")
     out = tmp_path / "viz.mp4"
-    code = viz.run_viz(viz_args(str(video), "--method", "divprune", "--retain", "0.5", "--out", str(out),
+    code = run_viz(viz_args(str(video), "--method", "divprune", "--retain", "0.5", "--out", str(out),
                                 "--model", str(tiny_model_dirs["qwen2_5_vl"]), "--fps", "4"))
     assert code == 0
     frames = decode_frames(video, fps=4.0)
@@ -133,7 +132,7 @@ def test_viz_mp4_dims_pruned_cells_and_spans_qwen_frame_pairs(tiny_model_dirs, t
 
 def test_viz_inner_llm_method_shows_what_survives_its_layer(h264_video, tiny_model_dirs, tiny_adapters, tmp_path):
     out = tmp_path / "fastv.png"
-    code = viz.run_viz(viz_args(str(h264_video), "--method", "fastv", "--retain", "0.25", "--out", str(out),
+    code = run_viz(viz_args(str(h264_video), "--method", "fastv", "--retain", "0.25", "--out", str(out),
                                 "--model", str(tiny_model_dirs["llava_onevision"]), "--fps", "4", "--max-frames",
                                 "3", "--question", QUESTION))
     assert code == 0
@@ -149,10 +148,10 @@ def test_viz_inner_llm_method_shows_what_survives_its_layer(h264_video, tiny_mod
 def test_viz_unknown_output_extension_is_a_config_error(h264_video, tmp_path):
     out = tmp_path / "viz.gif"
     with pytest.raises(ConfigError, match=r"\.mp4.*\.png"):
-        viz.run_viz(viz_args(str(h264_video), "--method", "uniform", "--out", str(out)))
+        run_viz(viz_args(str(h264_video), "--method", "uniform", "--out", str(out)))
     assert not out.exists()
 
 
 def test_viz_missing_video_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="not found"):
-        viz.run_viz(viz_args(str(tmp_path / "none.mp4"), "--method", "uniform", "--out", str(tmp_path / "a.png")))
+        run_viz(viz_args(str(tmp_path / "none.mp4"), "--method", "uniform", "--out", str(tmp_path / "a.png")))

@@ -1,177 +1,16 @@
-"""Typed configs: one dataclass per command, owning its defaults and help text, loaded from YAML.
-
-configs/models/*.yaml     which model and how to run it (`--model NAME`)
-configs/methods/*.yaml    a pruning recipe: stages (method + options) and a default retain
-configs/pipelines/*.yaml  overrides of a command's defaults (ask, batch, ...)
-
-A field declared with `option(...)` is also a command-line flag: `streamprune.cliargs` builds the
-parser from these fields and fills the dataclass back from the parsed flags, so a default or a
-help text is written once, here. This module imports no torch (`streamprune --help` reads it).
-"""
+"""One config per command: its fields are its flags, with their defaults and help text (the CLI is
+generated from these classes by streamprune.cliargs; YAML in configs/pipelines may override defaults)."""
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, TypeVar
 
-import yaml
-
-from streamprune.errors import ConfigError
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-T = TypeVar("T")
-DEFAULT_VIDEO_MODEL = "default"  # configs/models/default.yaml: the embedded Video-LLM
-DEFAULT_VLA_MODEL = "default_vla"  # configs/models/default_vla.yaml: the embedded VLA policy
-DEFAULT_ENV = "streamprune/PickColor-v0"
+from streamprune.config.fields import (DEFAULT_ENV, max_tokens_option, method_option, model_option, name_list, option,
+                                       policy_option, positive_float, positive_int, retain_list, retain_option,
+                                       retain_ratio, seed_option)
+from streamprune.config.schema import MemoryConfig
 
 
-# -- value checks shared by flags and YAML -----------------------------------------------------------
-def positive_int(text: Any) -> int:
-    try:
-        value = int(text)
-    except (TypeError, ValueError):
-        raise ConfigError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise ConfigError(f"expected a positive integer, got {text}")
-    return value
-
-
-def positive_float(text: Any) -> float:
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        raise ConfigError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or math.isinf(value):
-        raise ConfigError(f"expected a positive finite number, got {text}")
-    return value
-
-
-def retain_ratio(text: Any) -> float:
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        raise ConfigError(f"--retain must be a number in (0, 1], got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise ConfigError(f"--retain must be in (0, 1], got {text}")
-    return value
-
-
-def retain_list(text: Any) -> list[float]:
-    """'1,0.5,0.25' -> [1.0, 0.5, 0.25], each in (0, 1]."""
-    if isinstance(text, (list, tuple)):
-        return [retain_ratio(v) for v in text]
-    values = [v.strip() for v in str(text).split(",") if v.strip()]
-    if not values:
-        raise ConfigError(f"--retain must be comma-separated numbers in (0, 1], got {text!r}")
-    return [retain_ratio(v) for v in values]
-
-
-def name_list(text: Any) -> list[str]:
-    """'a,b' -> ['a', 'b'] ('all' stays ['all'])."""
-    if isinstance(text, (list, tuple)):
-        return [str(v) for v in text]
-    return [v.strip() for v in str(text).split(",") if v.strip()]
-
-
-def option(default: Any = dataclasses.MISSING, help: str = "", *, flags: tuple[str, ...] = (),
-           parse: Callable[[Any], Any] | None = None, metavar: str | None = None, positional: bool = False,
-           required: bool = False, nargs: str | None = None, group: str | None = None,
-           default_factory: Any = dataclasses.MISSING) -> Any:
-    """A config field that is also a flag. `flags` default to `--field-name`; `parse` checks a
-    value (a flag's text or a YAML value); `group` makes options mutually exclusive, one required."""
-    meta = {"help": help, "flags": flags, "parse": parse, "metavar": metavar, "positional": positional,
-            "required": required, "nargs": nargs, "group": group}
-    if default_factory is not dataclasses.MISSING:
-        return field(default_factory=default_factory, metadata={"cli": meta})
-    return field(default=default, metadata={"cli": meta})
-
-
-def model_option(default: str = DEFAULT_VIDEO_MODEL, what: str = "Video-LLM") -> Any:
-    return option(default, f"model directory (save_pretrained layout) or a configs/models name "
-                           f"(default: {default}, the embedded {what})", metavar="NAME|PATH")
-
-
-def method_option(default: str = "none", required: bool = False) -> Any:
-    return option(default, "pruning method or recipe (see `streamprune methods`)"
-                  + ("" if required else f"; default {default}"), metavar="NAME", required=required)
-
-
-def retain_option() -> Any:
-    return option(None, "share of visual tokens kept, in (0, 1]; default: the method's own (1.0 for none)",
-                  parse=retain_ratio, metavar="R")
-
-
-def max_tokens_option() -> Any:
-    return option(None, "absolute cap on kept visual tokens (with --retain the smaller wins)",
-                  parse=positive_int, metavar="N")
-
-
-def seed_option(default: int = 0, help: str = "seed for randomised methods") -> Any:
-    return option(default, f"{help} (default {default})", parse=int)
-
-
-# -- recipes and models --------------------------------------------------------------------------------
-@dataclass
-class StageConfig:
-    """One stage of a pruning recipe: a registered method and its option overrides."""
-
-    method: str
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class MethodConfig:
-    """A named pruning recipe. `retain`/`max_tokens` form the budget of the final selection."""
-
-    name: str = "none"
-    retain: float | None = 1.0
-    max_tokens: int | None = None
-    stages: list[StageConfig] = field(default_factory=list)
-    description: str = ""
-
-
-@dataclass
-class ModelConfig:
-    """A configs/models entry: a directory, or `embedded` (videoqa | vla) for a model shipped in
-    streamprune/assets (a tiny random stand-in is built once if that checkpoint is absent)."""
-
-    path: str | None = None
-    embedded: str | None = None
-    attn_implementation: str = "sdpa"
-
-
-@dataclass
-class MemoryConfig:
-    """Bounds and rules of the streaming memory.
-
-    kv_budget:     most visual tokens ever held.
-    recent_frames: newest units kept as they arrived (never compressed or evicted).
-    alpha:         A2SF forgetting factor per unit (paper default 0.95).
-    segment_tau:   DySeg cut threshold on consecutive frame cosine (FastVID default 0.9).
-    static_tau:    HoliTom static threshold for merging tokens at one position (default 0.8).
-    """
-
-    kv_budget: int = option(2048, "most visual tokens the memory holds, hence the KV cache of each answer "
-                                  "(default 2048)", flags=("--kv-budget",), parse=positive_int, metavar="TOKENS")
-    recent_frames: int = option(8, "newest frames kept at full (per-frame pruned) detail (default 8)",
-                                flags=("--window",), parse=positive_int, metavar="FRAMES")
-    alpha: float = 0.95
-    segment_tau: float = 0.9
-    static_tau: float = 0.8
-
-    def __post_init__(self) -> None:
-        if self.kv_budget < 1:
-            raise ConfigError(f"kv budget must be >= 1 token, got {self.kv_budget}")
-        if self.recent_frames < 1:
-            raise ConfigError(f"recent window must be >= 1 frame, got {self.recent_frames}")
-        if not 0.0 < self.alpha <= 1.0:
-            raise ConfigError(f"A2SF alpha must be in (0, 1], got {self.alpha}")
-
-
-# -- commands -------------------------------------------------------------------------------------------
 @dataclass
 class AskConfig:
     """`streamprune ask`: decode VIDEO with PyAV, encode the frames, prune the visual tokens to the
@@ -318,12 +157,6 @@ class PublishConfig:
     allow_remote: bool = option(False, "allow a non-loopback bind (the wire has no authentication)")
 
 
-def policy_option() -> Any:
-    return option(DEFAULT_VLA_MODEL, f"VLA policy: a directory or a configs/models name (default "
-                                     f"{DEFAULT_VLA_MODEL}: the embedded trained policy)",
-                  flags=("--model", "--policy"), metavar="NAME|PATH")
-
-
 @dataclass
 class RobotConfig:
     """`streamprune robot`: run closed-loop episodes and print success rate, mean episode length,
@@ -394,81 +227,3 @@ class BenchRobotConfig:
     episodes: int = option(100, "episodes per row (default 100)", parse=positive_int)
     json: str | None = option(None, "write the rows as JSON", metavar="FILE")
     plot: str | None = option(None, "plot success and control steps/s against retain", metavar="FILE.png")
-
-
-# -- loading ----------------------------------------------------------------------------------------------
-def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
-    """Build dataclass `cls` from a dict, recursing into nested dataclasses and checking values
-    with each option's `parse`; unknown keys are errors."""
-    data = data or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(data) - set(fields)
-    if unknown:
-        raise ConfigError(f"{where or cls.__name__}: unknown key(s) {sorted(unknown)}; known: {sorted(fields)}")
-    kwargs = {}
-    for name, value in data.items():
-        here = f"{where}.{name}" if where else name
-        nested = _NESTED.get(fields[name].type if isinstance(fields[name].type, str) else "")
-        parse = fields[name].metadata.get("cli", {}).get("parse")
-        if nested is not None:
-            value = from_dict(nested, value, here)
-        elif name == "stages":
-            if not isinstance(value, list):
-                raise ConfigError(f"{here}: expected a list of stages, got {type(value).__name__}")
-            value = [from_dict(StageConfig, s, here) for s in value]
-        elif parse is not None and value is not None:
-            try:
-                value = parse(value)
-            except ConfigError as err:
-                raise ConfigError(f"{here}: {err}") from None
-        kwargs[name] = value
-    return cls(**kwargs)
-
-
-_NESTED = {"ModelConfig": ModelConfig, "MemoryConfig": MemoryConfig}
-
-
-def load_yaml(path: Path) -> dict[str, Any]:
-    try:
-        return yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML: {str(err).splitlines()[0]}") from None
-
-
-def load_command_defaults(cls: type[T], name: str) -> T:
-    """A command's config: its dataclass defaults, overridden by configs/pipelines/NAME.yaml if present."""
-    path = CONFIG_DIR / "pipelines" / f"{name}.yaml"
-    return from_dict(cls, load_yaml(path), str(path)) if path.is_file() else cls()
-
-
-def resolve_model(spec: str | None) -> ModelConfig:
-    """`--model` as given: None or "default" (the embedded Video-LLM), a directory, or the name of a
-    configs/models/NAME.yaml file. Relative paths in those files are relative to the repository."""
-    if spec is None:
-        spec = DEFAULT_VIDEO_MODEL
-    named = CONFIG_DIR / "models" / f"{spec}.yaml"
-    if not Path(spec).exists() and named.is_file():
-        cfg = from_dict(ModelConfig, load_yaml(named), str(named))
-        if cfg.path is not None and not Path(cfg.path).is_absolute():
-            cfg.path = str(CONFIG_DIR.parent / cfg.path)
-        return cfg
-    return ModelConfig(path=spec)
-
-
-def method_config(name: str) -> MethodConfig:
-    """The pruning recipe called `name`: configs/methods/NAME.yaml if present, else the
-    registered method of that name as a single stage with its paper defaults."""
-    from streamprune.pruning.registry import available
-
-    path = CONFIG_DIR / "methods" / f"{name}.yaml"
-    if path.is_file():
-        cfg = from_dict(MethodConfig, load_yaml(path), str(path))
-        if not cfg.stages:
-            cfg.stages = [StageConfig(method=cfg.name)]
-        return cfg
-    if name in available():
-        return MethodConfig(name=name, retain=None, stages=[StageConfig(method=name)])
-    known = sorted(set(available()) | {p.stem for p in (CONFIG_DIR / "methods").glob("*.yaml")})
-    raise ConfigError(f"unknown method {name!r}; choose one of: {', '.join(known)}")
