@@ -12,12 +12,9 @@ from streamprune.config.schema import MemoryConfig
 
 
 @dataclass
-class AskConfig:
-    """`streamprune ask`: decode VIDEO with PyAV, encode the frames, prune the visual tokens to the
-    budget, prefill and generate the answer (defaults: configs/pipelines/ask.yaml)."""
+class ClipQAConfig:
+    """What answering a question about a clip needs: model, recipe and budget, sampling, answer length."""
 
-    video: str = option("", "video file (any container/codec FFmpeg reads)", positional=True, metavar="VIDEO")
-    question: str = option("", "the question to answer", flags=("--question", "-q"), required=True)
     model: str = model_option()
     method: str = method_option()
     retain: float | None = retain_option()
@@ -27,8 +24,17 @@ class AskConfig:
                              parse=positive_int, metavar="N")
     max_new_tokens: int = option(16, "answer length cap (default 16)", parse=positive_int, metavar="K")
     seed: int = seed_option()
-    json: bool = option(False, "print one JSON object instead of the answer")
     attn_implementation: str = "sdpa"
+
+
+@dataclass
+class AskConfig(ClipQAConfig):
+    """`streamprune ask`: decode VIDEO with PyAV, encode the frames, prune the visual tokens to the
+    budget, prefill and generate the answer (defaults: configs/pipelines/ask.yaml)."""
+
+    video: str = option("", "video file (any container/codec FFmpeg reads)", positional=True, metavar="VIDEO")
+    question: str = option("", "the question to answer", flags=("--question", "-q"), required=True)
+    json: bool = option(False, "print one JSON object instead of the answer")
 
 
 @dataclass
@@ -70,7 +76,7 @@ class VizConfig:
 
 
 @dataclass
-class BatchConfig:
+class BatchConfig(ClipQAConfig):
     """`streamprune batch`: decode, prune and answer for every input video, spread over Ray actors;
     one JSON line per input; re-running skips inputs already ok (defaults: configs/pipelines/batch.yaml)."""
 
@@ -82,14 +88,8 @@ class BatchConfig:
     prompt_file: str | None = option(None, "read the question from text file F", metavar="F", group="question")
     output: str = option("", "results, one JSON line per input (appended; an existing file is resumed)",
                          flags=("--output", "-o"), required=True, metavar="FILE")
-    model: str = model_option()
-    method: str = method_option()
-    retain: float | None = retain_option()
-    max_tokens: int | None = max_tokens_option()
-    fps: float = option(1.0, "frames sampled per second (default 1)", parse=positive_float)
     max_frames: int = option(16, "at most N frames per input, evenly spaced over the whole clip (default 16)",
                              parse=positive_int, metavar="N")
-    max_new_tokens: int = option(16, "answer length cap (default 16)", parse=positive_int, metavar="K")
     seed: int = seed_option(help="seed for randomised methods, the same for every input")
     ray_address: str | None = option(None, "Ray cluster to run on ('auto': the one this machine belongs to); "
                                            "default: start a local Ray instance", metavar="auto|HOST:PORT")
@@ -103,7 +103,6 @@ class BatchConfig:
                                     parse=positive_float, metavar="S")
     overwrite: bool = option(False, "start the output over instead of skipping inputs already answered in it")
     no_ray: bool = option(False, "run in this process, one input at a time (no Ray needed)")
-    attn_implementation: str = "sdpa"
 
 
 @dataclass
