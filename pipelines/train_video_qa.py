@@ -23,22 +23,19 @@ import logging
 import math
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import Whitespace
 from tqdm import tqdm
-from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, PreTrainedTokenizerFast
+from transformers import LlavaOnevisionForConditionalGeneration, PreTrainedTokenizerFast
 
-from streamprune.models.small_init import strengthen_vision_init
 from streamprune.data import synthetic_qa as qa
 from streamprune.models.preprocess import square_pixels
 from streamprune.models.prompt import SIDECAR, build_prompt_ids
+from streamprune.models.tiny import TinyLlavaSize, add_size_flags, build_llava_onevision, size_from_args, word_tokenizer
 
 log = logging.getLogger("train_video_qa")
 
@@ -48,71 +45,26 @@ PROMPT_TEMPLATE = "<video> question : {question} answer :"
 IGNORE = -100
 
 
-@dataclass
-class ModelSize:
-    """Sizes of the tiny LLaVA-OneVision; 64 px frames in 8 px patches -> 8x8 -> pooled 4x4 = 16 tokens."""
-
-    image_size: int = 64
-    patch_size: int = 8
-    vision_hidden: int = 64
-    vision_layers: int = 2
-    vision_heads: int = 4
-    text_hidden: int = 128
-    text_layers: int = 3
-    text_heads: int = 4
-    text_kv_heads: int = 2
-    text_intermediate: int = 384
-
-    @property
-    def tokens_per_frame(self) -> int:
-        side = math.ceil(self.image_size // self.patch_size / 2)
-        return side * side
+# 64 px frames in 8 px patches -> 8x8 -> pooled 4x4 = 16 tokens. init_std 0.12: at this width 0.02
+# left attention near-uniform for thousands of steps (the model learned the answer prior and
+# stalled); patch_gain 3: shape questions stalled near chance while colour ones were solved, i.e.
+# the tower's content features were too weak (see streamprune.models.small_init)
+SIZE = TinyLlavaSize(image_size=64, patch_size=8, vision_hidden=64, vision_mlp_ratio=4, vision_heads=4,
+                     text_hidden=128, text_intermediate=384, max_positions=1024, init_std=0.12, patch_gain=3.0)
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over the synthetic task's vocabulary; specials are matched before splitting."""
-    words = SPECIALS + PROMPT_WORDS + [w for w in qa.VOCAB if w not in PROMPT_WORDS]
-    core = Tokenizer(WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    core.pre_tokenizer = Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
-    tok.add_special_tokens({"additional_special_tokens": ["<video>", "<image>"]})
-    return tok
+    """Word-level tokenizer over the synthetic task's vocabulary."""
+    return word_tokenizer(PROMPT_WORDS + [w for w in qa.VOCAB if w not in PROMPT_WORDS], SPECIALS)
 
 
-def build_model(tokenizer: PreTrainedTokenizerFast, size: ModelSize, seed: int, init_std: float = 0.12,
-                patch_gain: float = 3.0) -> LlavaOnevisionForConditionalGeneration:
-    """`init_std` replaces the 0.02 of large checkpoints: at this width, 0.02 leaves attention
-    near-uniform for thousands of steps (the model learns the answer prior and stalls).
-    `patch_gain` and the sin-cos positions: see `streamprune.models.small_init` (shape questions stalled
-    near chance while colour ones were solved, i.e. the tower's content features were too weak)."""
-    torch.manual_seed(seed)
-    config = LlavaOnevisionConfig(
-        vision_config={
-            "model_type": "siglip_vision_model", "hidden_size": size.vision_hidden,
-            "intermediate_size": 4 * size.vision_hidden, "num_hidden_layers": size.vision_layers,
-            "num_attention_heads": size.vision_heads, "image_size": size.image_size, "patch_size": size.patch_size,
-        },
-        text_config={
-            "model_type": "qwen2", "hidden_size": size.text_hidden, "intermediate_size": size.text_intermediate,
-            "num_hidden_layers": size.text_layers, "num_attention_heads": size.text_heads,
-            "num_key_value_heads": size.text_kv_heads, "vocab_size": len(tokenizer),
-            "max_position_embeddings": 1024, "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id, "bos_token_id": None, "initializer_range": init_std,
-        },
-        initializer_range=init_std,
-        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_select_strategy="full",
-        vision_feature_layer=-1,
-        image_grid_pinpoints=[[size.image_size, size.image_size]],
-    )
-    model = LlavaOnevisionForConditionalGeneration(config)
-    strengthen_vision_init(model, patch_gain)
-    return model
+def build_model(tokenizer: PreTrainedTokenizerFast, size: TinyLlavaSize, seed: int) -> LlavaOnevisionForConditionalGeneration:
+    """The config also states `init_std` at its top level, as the committed checkpoint's does."""
+    return build_llava_onevision(tokenizer, size, seed, checkpoint=True, initializer_range=size.init_std)
 
 
 def collate(clips: list[tuple[np.ndarray, list[tuple[str, str]]]], tokenizer: PreTrainedTokenizerFast,
-            size: ModelSize) -> dict[str, torch.Tensor]:
+            size: TinyLlavaSize) -> dict[str, torch.Tensor]:
     """(frames `[T, H, W, 3]`, [(question, answer), ...][, objects]) per row -> model inputs: pixel_values_videos
     `[B, T, 3, S, S]`, input_ids/attention_mask/labels `[B, L]` (right padded).
 
@@ -218,7 +170,7 @@ def token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, items: list[qa.QAItem], tokenizer, size: ModelSize, batch_size: int) -> dict:
+def evaluate(model, items: list[qa.QAItem], tokenizer, size: TinyLlavaSize, batch_size: int) -> dict:
     """Exact-match accuracy, overall and per question type."""
     model.eval()
     hits: dict[str, list[bool]] = defaultdict(list)
@@ -271,12 +223,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
     p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
     p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--init-std", type=float, default=0.12, help="std of the normal init of text and projector weights")
     p.add_argument("--eval-every", type=int, default=200, help="steps between validation runs")
     p.add_argument("--val-clips", type=int, default=100, help="validation clips (2 random questions each)")
     p.add_argument("--test-clips", type=int, default=400, help="test clips (2 random questions each), scored at the end")
-    p.add_argument("--patch-gain", type=float, default=3.0,
-                   help="multiplier on the SigLIP patch-embedding init (1 = stock), see streamprune.models.small_init")
     p.add_argument("--init-from", default=None, help="start from this checkpoint's weights (a stage-2 run)")
     p.add_argument("--start-clip", type=int, default=0, help="first train clip index (stage 2: past stage 1's clips)")
     p.add_argument("--aux-weight", type=float, default=0.5,
@@ -287,8 +236,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1 wastes least on a shared, oversubscribed CPU)")
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop training after this long (0 = no limit)")
-    for f in ModelSize.__dataclass_fields__.values():
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default, help=f"model size: {f.name}")
+    add_size_flags(p, SIZE)
     return p.parse_args(argv)
 
 
@@ -298,9 +246,9 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    size = ModelSize(**{f: getattr(args, f) for f in ModelSize.__dataclass_fields__})
+    size = size_from_args(args)
     tokenizer = build_tokenizer()
-    model = build_model(tokenizer, size, args.seed, args.init_std, args.patch_gain)
+    model = build_model(tokenizer, size, args.seed)
     if args.init_from:  # continue a previous run (its sizes must match): weights only, fresh optimizer
         model.load_state_dict(LlavaOnevisionForConditionalGeneration.from_pretrained(args.init_from).state_dict())
         log.info("initialised from %s", args.init_from)

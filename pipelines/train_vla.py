@@ -31,21 +31,20 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, PreTrainedTokenizerFast
+from transformers import LlavaOnevisionForConditionalGeneration, PreTrainedTokenizerFast
 
 from envs import PICKCOLOR_ID, make_env
 from envs.pickcolor import COLOURS, SHAPES
-from streamprune.models.small_init import strengthen_vision_init
 from streamprune.models.preprocess import square_pixels
 from streamprune.models.prompt import SIDECAR, build_prompt_ids
-from streamprune.models.tiny import word_tokenizer
+from streamprune.models.tiny import TinyLlavaSize, add_size_flags, build_llava_onevision, size_from_args, word_tokenizer
 from streamprune.models.vla import ACTION_BINS, ActionTokenizer, action_bins_needed
 
 log = logging.getLogger("train_vla")
@@ -59,58 +58,18 @@ ACTION_DIM = 2
 VAL_SEED = 90_000  # closed-loop validation episodes: seeds from here, below the held-out 100000
 
 
-@dataclass
-class ModelSize:
-    """Sizes of the tiny LLaVA-OneVision; 64 px images in 4 px patches -> 16x16 -> pooled 8x8 = 64 tokens."""
-
-    image_size: int = 64
-    patch_size: int = 4
-    vision_hidden: int = 64
-    vision_layers: int = 2
-    vision_heads: int = 4
-    text_hidden: int = 128
-    text_layers: int = 4  # FastV's K=2 and VLA-Pruner's K=3 then prune at different layers
-    text_heads: int = 4
-    text_kv_heads: int = 2
-    text_intermediate: int = 256
-    init_std: float = 0.08  # text/projector Linear and Embedding init std (see build_model)
-    patch_gain: float = 3.0  # multiplier on SigLIP's LeCun-normal patch-embedding init (see build_model)
-
-    @property
-    def visual_tokens(self) -> int:
-        side = math.ceil(self.image_size // self.patch_size / 2)
-        return side * side
+# 64 px images in 4 px patches -> 16x16 -> pooled 8x8 = 64 tokens; 4 decoder layers so that FastV's
+# K=2 and VLA-Pruner's K=3 prune at different layers. init_std 0.08 (~1/sqrt(width)): with the 0.02
+# default every projector/decoder layer's output shrank ~4x, attention started uniform and BC sat on
+# a plateau predicting the action marginal; patch_gain 3 likewise (see streamprune.models.small_init)
+SIZE = TinyLlavaSize(image_size=64, patch_size=4, vision_hidden=64, vision_mlp_ratio=4, vision_heads=4,
+                     text_hidden=128, text_intermediate=256, text_layers=4, max_positions=512,
+                     init_std=0.08, patch_gain=3.0)
 
 
-def build_model(tokenizer: PreTrainedTokenizerFast, size: ModelSize, seed: int) -> LlavaOnevisionForConditionalGeneration:
-    torch.manual_seed(seed)
-    config = LlavaOnevisionConfig(
-        vision_config={
-            "model_type": "siglip_vision_model", "hidden_size": size.vision_hidden,
-            "intermediate_size": 4 * size.vision_hidden, "num_hidden_layers": size.vision_layers,
-            "num_attention_heads": size.vision_heads, "image_size": size.image_size, "patch_size": size.patch_size,
-        },
-        text_config={
-            "model_type": "qwen2", "hidden_size": size.text_hidden, "intermediate_size": size.text_intermediate,
-            "num_hidden_layers": size.text_layers, "num_attention_heads": size.text_heads,
-            "num_key_value_heads": size.text_kv_heads, "vocab_size": action_bins_needed(len(tokenizer)),
-            "max_position_embeddings": 512, "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id, "bos_token_id": None,
-            # transformers' 0.02 default suits ~1000-wide models; at width 128 it shrinks every
-            # projector/decoder layer's output ~4x, attention starts uniform and BC sat on a plateau
-            # predicting the action marginal. ~1/sqrt(width) keeps activations O(1). (The SigLIP
-            # tower keeps its own Xavier/LeCun init.)
-            "initializer_range": size.init_std,
-        },
-        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_select_strategy="full",
-        vision_feature_layer=-1,
-        image_grid_pinpoints=[[size.image_size, size.image_size]],
-    )
-    model = LlavaOnevisionForConditionalGeneration(config)
-    strengthen_vision_init(model, size.patch_gain)  # without it BC sat on the action-marginal plateau
-    return model
+def build_model(tokenizer: PreTrainedTokenizerFast, size: TinyLlavaSize, seed: int) -> LlavaOnevisionForConditionalGeneration:
+    """The 256 action bins take the last ids of the vocabulary (OpenVLA binning)."""
+    return build_llava_onevision(tokenizer, size, seed, vocab_size=action_bins_needed(len(tokenizer)), checkpoint=True)
 
 
 @dataclass
@@ -210,10 +169,10 @@ class Batcher:
     """Model inputs for (image, instruction[, first action token]) rows; every row has the same
     length (all instructions are four words), so no padding."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerFast, size: ModelSize, instructions: list[str],
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, size: TinyLlavaSize, instructions: list[str],
                  actions: ActionTokenizer) -> None:
         self.size, self.actions = size, actions
-        video = [tokenizer.convert_tokens_to_ids("<video>")] * (size.visual_tokens + 1)  # +1: image_newline
+        video = [tokenizer.convert_tokens_to_ids("<video>")] * (size.tokens_per_frame + 1)  # +1: image_newline
         self.prompts = {}
         for text in instructions:
             ids = build_prompt_ids(tokenizer, text, PROMPT_TEMPLATE)
@@ -284,9 +243,9 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
 
 def heldout_success(out: Path, episodes: int) -> dict:
     """Success of the saved policy, loaded and run exactly as `streamprune robot` does."""
-    from streamprune.runtime.robot import run_episodes
     from streamprune.models.vla import VLAPolicy
     from streamprune.pruning.recipe import build_recipe
+    from streamprune.runtime.robot import run_episodes
 
     policy = VLAPolicy.load(out)
     return run_episodes(policy, PICKCOLOR_ID, build_recipe("none"), episodes, seed=0, progress=True)
@@ -318,8 +277,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1: on the shared 2-core machine 2 threads measured slower per step)")
     p.add_argument("--max-minutes", type=float, default=50.0, help="stop training after this long (0 = no limit)")
-    for f in ModelSize.__dataclass_fields__.values():
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default, help=f"model size: {f.name}")
+    add_size_flags(p, SIZE)
     return p.parse_args(argv)
 
 
@@ -329,19 +287,19 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    size = ModelSize(**{f: getattr(args, f) for f in ModelSize.__dataclass_fields__})
+    size = size_from_args(args)
     tokenizer = word_tokenizer(WORDS)
     if args.init_from:  # continue from an earlier run's checkpoint (its config overrides the size flags)
         model = LlavaOnevisionForConditionalGeneration.from_pretrained(args.init_from, local_files_only=True)
         vision = model.config.vision_config
-        size.image_size, size.patch_size = vision.image_size, vision.patch_size
+        size = replace(size, image_size=vision.image_size, patch_size=vision.patch_size)
     else:
         model = build_model(tokenizer, size, args.seed)
     model.train()
     actions = ActionTokenizer(vocab_size=model.config.text_config.vocab_size, dims=ACTION_DIM)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2fM parameters, vocab %d, %d visual tokens", n_params / 1e6,
-             model.config.text_config.vocab_size, size.visual_tokens)
+             model.config.text_config.vocab_size, size.tokens_per_frame)
 
     demos = collect(args.episodes, 0, args.noise, size.image_size, args.seed)
     log.info("demos: %d states from %d episodes (noisy expert success %.2f)", len(demos.actions), demos.episodes,
@@ -353,8 +311,8 @@ def main(argv: list[str] | None = None) -> dict:
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
-    side = int(round(size.visual_tokens ** 0.5))
-    heads = GroundingHeads(model.config.text_config.hidden_size, size.visual_tokens)
+    side = int(round(size.tokens_per_frame ** 0.5))
+    heads = GroundingHeads(model.config.text_config.hidden_size, size.tokens_per_frame)
     if args.aux_weight > 0:
         opt.add_param_group({"params": list(heads.parameters()), "weight_decay": 0.0})
     video_id = tokenizer.convert_tokens_to_ids("<video>")
@@ -429,7 +387,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = {
         "seed": args.seed, "env": PICKCOLOR_ID, "args": vars(args), "model_size": asdict(size),
         "init_from": args.init_from,
-        "parameters": n_params, "visual_tokens": size.visual_tokens,
+        "parameters": n_params, "visual_tokens": size.tokens_per_frame,
         "data": {"episodes": demos.episodes, "train_seeds": [0, demos.episodes - 1], "states": len(demos.actions),
                  "dart_noise_max": args.noise, "noisy_expert_success": demos.expert_success},
         "steps": step + 1, "train_minutes": round(train_minutes, 2), "threads": args.threads,

@@ -15,20 +15,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streamprune.commands.batch import add_batch_arguments, build_job, run_batch
-from streamprune.cli import OneLineParser
+from streamprune.cliargs import parse_config
+from streamprune.commands.batch import build_job, run
+from streamprune.config import BatchConfig, load_command_defaults
 from streamprune.errors import EXIT_PARTIAL, ConfigError, InputError
-from streamprune.runtime.batch import find_inputs, run_job, split_segments
+from streamprune.runtime.batch_inputs import find_inputs, split_segments
+from streamprune.runtime.batch_job import run_job
 from streamprune.videofile import write_video
 
 QUESTION = "what happens ?"
 RAY_CPUS = 2
 
 
-def parse(argv: list[str]):
-    parser = OneLineParser(prog="batch")
-    add_batch_arguments(parser)
-    return parser.parse_args(argv)
+def parse(argv: list[str]) -> BatchConfig:
+    return parse_config(load_command_defaults(BatchConfig, "batch"), argv, prog="batch")
 
 
 def lines(path: Path) -> list[dict]:
@@ -110,20 +110,20 @@ def test_usage_errors_exit_2_before_any_work(mixed_folder, tmp_path, tiny_model_
     root, _ = mixed_folder
     model = str(tiny_model_dirs["llava_onevision"])
     with pytest.raises(ConfigError, match="does not exist"):
-        run_batch(parse([str(root), "-q", QUESTION, "-o", str(tmp_path / "no" / "such" / "out.jsonl"), "--no-ray",
-                         "--model", model]))
+        run(parse([str(root), "-q", QUESTION, "-o", str(tmp_path / "no" / "such" / "out.jsonl"), "--no-ray",
+                   "--model", model]))
     with pytest.raises(ConfigError, match="is a folder"):
-        run_batch(parse([str(root), "-q", QUESTION, "-o", str(tmp_path), "--no-ray", "--model", model]))
+        run(parse([str(root), "-q", QUESTION, "-o", str(tmp_path), "--no-ray", "--model", model]))
     with pytest.raises(ConfigError, match="--no-ray"):
-        run_batch(parse([str(root), "-q", QUESTION, "-o", str(tmp_path / "o.jsonl"), "--no-ray", "--ray-address", "auto"]))
+        run(parse([str(root), "-q", QUESTION, "-o", str(tmp_path / "o.jsonl"), "--no-ray", "--ray-address", "auto"]))
     with pytest.raises(ConfigError, match="NAME=AMOUNT"):
         build_job(parse([str(root), "-q", QUESTION, "-o", str(tmp_path / "o.jsonl"), "--actor-resource", "GPU"]))
     with pytest.raises(ConfigError, match="unknown method"):
-        run_batch(parse([str(root), "-q", QUESTION, "-o", str(tmp_path / "o.jsonl"), "--no-ray", "--method", "nope"]))
+        run(parse([str(root), "-q", QUESTION, "-o", str(tmp_path / "o.jsonl"), "--no-ray", "--method", "nope"]))
     with pytest.raises(ConfigError, match="question is empty"):
         empty = tmp_path / "q.txt"
         empty.write_text("  \n")
-        run_batch(parse([str(root), "--prompt-file", str(empty), "-o", str(tmp_path / "o.jsonl"), "--no-ray"]))
+        run(parse([str(root), "--prompt-file", str(empty), "-o", str(tmp_path / "o.jsonl"), "--no-ray"]))
     assert not (tmp_path / "o.jsonl").exists() or (tmp_path / "o.jsonl").read_text() == ""
 
 
@@ -142,7 +142,7 @@ def test_mixed_batch_on_ray_writes_one_line_per_input_and_resumes_without_reproc
     argv = [str(root), "-q", QUESTION, "-o", str(out), "--model", str(tiny_model_dirs["llava_onevision"]),
             "--method", "uniform", "--retain", "0.5", "--fps", "4", "--max-frames", "4",
             "--max-new-tokens", "3", "--num-workers", "2", "--segment-seconds", "1"]
-    assert run_batch(parse(argv)) == EXIT_PARTIAL
+    assert run(parse(argv)) == EXIT_PARTIAL
     first = lines(out)
     assert len(first) == 20 and len({r["input"] for r in first}) == 20
     ok = {r["input"]: r for r in first if r["status"] == "ok"}
@@ -164,14 +164,14 @@ def test_mixed_batch_on_ray_writes_one_line_per_input_and_resumes_without_reproc
     # an interrupted run left a partial line: ignored and dropped; ok inputs are not redone
     with open(out, "a") as fh:
         fh.write('{"input": "' + sorted(good)[0] + '", "status": "ok", "sha2')
-    assert run_batch(parse(argv)) == EXIT_PARTIAL
+    assert run(parse(argv)) == EXIT_PARTIAL
     second = lines(out)
     assert len(second) == 20 and len({r["input"] for r in second}) == 20
     assert {r["input"]: r for r in second if r["status"] == "ok"} == ok  # same timings: not re-run
     assert "0 ok, 3 failed, 17 skipped of 20" in capsys.readouterr().err
 
     one = sorted(good)[0]
-    assert run_batch(parse([one, *argv[1:], "--overwrite", "--no-ray"])) == 0
+    assert run(parse([one, *argv[1:], "--overwrite", "--no-ray"])) == 0
     assert [r["input"] for r in lines(out)] == [one]
 
 
@@ -180,10 +180,10 @@ def test_changed_input_is_redone_and_keeps_a_single_line(make_video, tmp_path, t
     out = tmp_path / "r.jsonl"
     argv = [str(a), str(b), "-q", QUESTION, "-o", str(out), "--no-ray", "--max-new-tokens", "2",
             "--model", str(tiny_model_dirs["llava_onevision"])]
-    assert run_batch(parse(argv)) == 0
+    assert run(parse(argv)) == 0
     before = {r["input"]: r for r in lines(out)}
     make_video(frames=10, fps=8.0, name="b")  # same path, new content
-    assert run_batch(parse(argv)) == 0
+    assert run(parse(argv)) == 0
     after = {r["input"]: r for r in lines(out)}
     assert len(lines(out)) == 2 and after[str(a.resolve())] == before[str(a.resolve())]
     assert after[str(b.resolve())]["sha256"] == hashlib.sha256(b.read_bytes()).hexdigest() != before[str(b.resolve())]["sha256"]
@@ -217,7 +217,7 @@ def test_answers_identical_in_process_or_on_ray_with_any_worker_count_and_segmen
     answers = {}
     for name, flags in runs.items():
         out = tmp_path / f"{len(answers)}.jsonl"
-        assert run_batch(parse([*common, "-o", str(out), *flags])) == 0, name
+        assert run(parse([*common, "-o", str(out), *flags])) == 0, name
         answers[name] = {r["input"]: (r["answer"], r["frames"], r["visual_tokens_kept"]) for r in lines(out)}
 
     # the reference: the adapter called directly on the whole clip

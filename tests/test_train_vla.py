@@ -3,6 +3,8 @@ through VLAPolicy, picks the same action tokens as the trainer's own batched for
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
@@ -21,7 +23,7 @@ def test_trainer_and_policy_agree_on_layout_and_actions(tmp_path) -> None:
     assert metrics["steps"] == 2 and metrics["data"]["episodes"] == 6
     policy = VLAPolicy.load(out)
     tokenizer = policy.adapter.tokenizer
-    size = train_vla.ModelSize(image_size=32)
+    size = replace(train_vla.SIZE, image_size=32)
     batcher = train_vla.Batcher(tokenizer, size, ["reach the red circle", "reach the blue square"], policy.actions)
     env = make_env(PICKCOLOR_ID, image_size=32)
     obs, _ = env.reset(seed=5)
