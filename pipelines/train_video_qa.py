@@ -58,8 +58,10 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return word_tokenizer(PROMPT_WORDS + [w for w in qa.VOCAB if w not in PROMPT_WORDS], SPECIALS)
 
 
-def build_model(tokenizer: PreTrainedTokenizerFast, size: TinyLlavaSize, seed: int) -> LlavaOnevisionForConditionalGeneration:
-    """The config also states `init_std` at its top level, as the committed checkpoint's does."""
+def build_model(tokenizer: PreTrainedTokenizerFast, size: TinyLlavaSize,
+                seed: int) -> LlavaOnevisionForConditionalGeneration:
+    """`init_std` is also written at the config's top level (the weights are the same without it),
+    as in the committed checkpoint's config."""
     return build_llava_onevision(tokenizer, size, seed, checkpoint=True, initializer_range=size.init_std)
 
 

@@ -67,7 +67,8 @@ SIZE = TinyLlavaSize(image_size=64, patch_size=4, vision_hidden=64, vision_mlp_r
                      init_std=0.08, patch_gain=3.0)
 
 
-def build_model(tokenizer: PreTrainedTokenizerFast, size: TinyLlavaSize, seed: int) -> LlavaOnevisionForConditionalGeneration:
+def build_model(tokenizer: PreTrainedTokenizerFast, size: TinyLlavaSize,
+                seed: int) -> LlavaOnevisionForConditionalGeneration:
     """The 256 action bins take the last ids of the vocabulary (OpenVLA binning)."""
     return build_llava_onevision(tokenizer, size, seed, vocab_size=action_bins_needed(len(tokenizer)), checkpoint=True)
 

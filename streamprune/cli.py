@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"streamprune: error: {err}\n")
         return err.exit_code
     except KeyboardInterrupt:
-        sys.stderr.write("streamprune: interrupted\n")
+        resume = "; re-run to resume" if name == "batch" else ""
+        sys.stderr.write(f"streamprune: interrupted{resume}\n")
         return 130
 
 

@@ -88,6 +88,7 @@ def add_size_flags(parser: argparse.ArgumentParser, default: TinyLlavaSize) -> N
 
 
 def size_from_args(args: argparse.Namespace) -> TinyLlavaSize:
+    """The size `add_size_flags`' flags parsed into."""
     return TinyLlavaSize(**{f.name: getattr(args, f.name) for f in fields(TinyLlavaSize)})
 
 
@@ -129,6 +130,7 @@ def build_llava_onevision(tokenizer: PreTrainedTokenizerFast, size: TinyLlavaSiz
 
 def tiny_llava_onevision(tokenizer: PreTrainedTokenizerFast, image_size: int = 32, seed: int = 0,
                          vocab_size: int | None = None) -> LlavaOnevisionForConditionalGeneration:
+    """The tests' and the run-time fallback's model, ready for inference."""
     return build_llava_onevision(tokenizer, TinyLlavaSize(image_size=image_size), seed, vocab_size).eval()
 
 
