@@ -85,7 +85,7 @@ def test_family_names_are_not_compared_outside_models():
 
 
 def test_library_files_are_of_one_purpose_and_short():
-    long = {str(p.relative_to(ROOT)): n for p in library_files() if (n := len(p.read_text().splitlines())) > 460}
+    long = {str(p.relative_to(ROOT)): n for p in library_files() if (n := len(p.read_text().splitlines())) > 400}
     assert not long, long
 
 

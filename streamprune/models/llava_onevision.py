@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from streamprune.encode.cacher import CacherConfig, STCCacher
+from streamprune.encode.cacher import CacherConfig
+from streamprune.encode.families import STCCacher
 from streamprune.models.base import EncodedVideo, PromptLayout, VideoLLMAdapter
 from streamprune.models.preprocess import SIGLIP_NORM, Normalisation, square_pixels
 from streamprune.models.prompt import QWEN_CHAT_TEMPLATE, PromptIds

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from transformers.vision_utils import get_vision_window_index
 
-from streamprune.encode.cacher import CacherConfig, QwenSTCCacher
+from streamprune.encode.cacher import CacherConfig
+from streamprune.encode.families import QwenSTCCacher
 from streamprune.models.attention import apply_rope, column_mean_attention, received_attention
 from streamprune.models.base import EncodedVideo, PromptLayout, VideoLLMAdapter
 from streamprune.models.preprocess import CLIP_NORM, Normalisation, qwen_video_patches
