@@ -6,7 +6,7 @@ back to the original frame proportionally. Pruned cells are darkened by 65%; kep
 outlined in green, merged ones (features replaced by a merge) in magenta. A Qwen2.5-VL token
 spans `temporal_patch_size` (2) consecutive frames, so both frames show it.
 
-For a pipeline with an inner-LLM stage (FastV, VLA-Pruner, HoliTom's inner merge) the prompt is
+For a recipe with an inner-LLM stage (FastV, VLA-Pruner, HoliTom's inner merge) the prompt is
 prefilled once and the inner stage's choice is captured, so the picture shows what survives the
 LLM's pruning layer; that choice depends on `--question`.
 
@@ -189,7 +189,7 @@ class _RecordingMethod:
 @torch.inference_mode()
 def select_tokens(adapter, frames: np.ndarray, recipe: PruningRecipe, fps: float,
                   ctx: PruneContext, question: str = DEFAULT_QUESTION) -> Highlight:
-    """Encode `[T, H, W, 3]` frames and run the pipeline's selection as `adapter.answer` does.
+    """Encode `[T, H, W, 3]` frames and run the recipe's selection as `adapter.answer` does.
     With an inner-LLM stage, prefill `question` and compose that stage's choice in."""
     from streamprune.models.base import DynamicCache
 

@@ -64,25 +64,31 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def decoder_queries_keys(layer: torch.nn.Module, hidden_in: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                         query_rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
-    """A decoder layer's rotated queries `[H, Q, d]` (rows `query_rows`) and keys `[Hkv, L, d]`
-    for its input `hidden_in [1, L, C]` at the rotary `rope` the layer was given (`[1, L, d]` each)."""
+                         query_rows: slice = slice(None), keys: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A decoder layer's rotated queries `[H, Q, d]` (rows `query_rows`) and, if `keys`, keys
+    `[Hkv, L, d]` for its input `hidden_in [1, L, C]` at the rotary `rope` it was given (`[1, L, d]`)."""
     attn = layer.self_attn
     x = layer.input_layernorm(hidden_in)[0]  # [L, C]
     cos, sin = (r[0] for r in rope)  # [L, d]
     heads = attn.config.num_attention_heads
     xq = x[query_rows]
-    q = attn.q_proj(xq).view(xq.shape[0], heads, -1).transpose(0, 1)
+    q = apply_rope(attn.q_proj(xq).view(xq.shape[0], heads, -1).transpose(0, 1), cos[query_rows], sin[query_rows])
+    if not keys:
+        return q, None
     k = attn.k_proj(x).view(x.shape[0], -1, attn.head_dim).transpose(0, 1)
-    return apply_rope(q, cos[query_rows], sin[query_rows]), apply_rope(k, cos, sin)
+    return q, apply_rope(k, cos, sin)
 
 
 def last_query_attention(layer: torch.nn.Module, hidden_in: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                         past_keys: torch.Tensor | None = None) -> torch.Tensor:
+                         past_keys: torch.Tensor | None = None, keys_cached: bool = False) -> torch.Tensor:
     """`[S]` head-averaged attention of the last input token over `past_keys` (`[Hkv, P, d]`, rotated,
-    e.g. a KV cache layer's) followed by the input's own keys: one softmax row, O(S d)."""
-    q, k = decoder_queries_keys(layer, hidden_in, rope, slice(-1, None))
-    if past_keys is not None and past_keys.shape[1]:
+    e.g. a KV cache layer's) followed by the input's own keys: one softmax row, O(S d). With
+    `keys_cached` the layer has already run and `past_keys` holds the input's keys too, so only the
+    query is computed (no second key projection on the prefill)."""
+    q, k = decoder_queries_keys(layer, hidden_in, rope, slice(-1, None), keys=not keys_cached)
+    if keys_cached:
+        k = past_keys
+    elif past_keys is not None and past_keys.shape[1]:
         k = torch.cat([past_keys.to(k.dtype), k], dim=1)
     k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
     probs = torch.softmax((q.float() @ k.float().transpose(1, 2)) * layer.self_attn.scaling, dim=-1)  # [H, 1, S]

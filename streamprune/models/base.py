@@ -264,7 +264,7 @@ class VideoLLMAdapter(ABC):
 
     def inner_stage(self, recipe: PruningRecipe, video: EncodedVideo, selection: Selection,
                     kept_slots: torch.Tensor, embeds: torch.Tensor, ctx: PruneContext) -> InnerStage | None:
-        """The pipeline's inner-LLM stage for one prefill of the pre-LLM survivors, or None."""
+        """The recipe's inner-LLM stage for one prefill of the pre-LLM survivors, or None."""
         if recipe.inner_llm is None:
             return None
         budget = recipe.inner_budget(len(selection), len(video.tokens))

@@ -82,9 +82,8 @@ class ActionAttentionTap:
                  rope: tuple[torch.Tensor, torch.Tensor], cache: DynamicCache) -> None:
         if index != self.layer:
             return
-        length = hidden_in.shape[1]
-        past = cache.layers[index].keys[0][:, : cache.get_seq_length(index) - length]  # before this call
-        probs = last_query_attention(layer, hidden_in, rope, past)
+        # the layer has run: its cache holds every key so far, this call's included
+        probs = last_query_attention(layer, hidden_in, rope, cache.layers[index].keys[0], keys_cached=True)
         if self.inner is not None and index >= self.inner.layer:
             original = self.pre_indices[self.inner.survivors]
             slots = self.inner.survivor_slots

@@ -69,7 +69,7 @@ class PruningRecipe:
         return any(m.name != "none" for m in self.pre_llm)
 
     def inner_budget(self, n_reaching: int, n_original: int) -> Budget:
-        """An inner stage alone carries the pipeline's budget; after pre-LLM pruning it applies
+        """An inner stage alone carries the recipe's budget; after pre-LLM pruning it applies
         its own ratio to what reaches it, never exceeding the budget."""
         if self._pre_llm_prunes():
             return Budget(max_tokens=max(1, min(n_reaching, self.budget.count(n_original))))
@@ -89,7 +89,7 @@ def compose(first: Selection, second: Selection) -> Selection:
 
 
 def build_recipe(name: str, retain: float | None = None, max_tokens: int | None = None) -> PruningRecipe:
-    """The pipeline `name` (a configs/methods file or a registered method) with the given budget
+    """The recipe `name` (a configs/methods file or a registered method) with the given budget
     (flags win over the file's default retain)."""
     cfg: MethodConfig = method_config(name)
     budget = Budget(retain=retain if retain is not None else (cfg.retain if max_tokens is None else None),

@@ -51,7 +51,7 @@ class WorkerSettings:
 
 
 class ModelWorker:
-    """One loaded model and pruning pipeline, answering the batch question for one clip per call."""
+    """One loaded model and pruning recipe, answering the batch question for one clip per call."""
 
     def __init__(self, settings: WorkerSettings) -> None:
         import torch

@@ -41,7 +41,7 @@ def policy_image_size(policy: VLAPolicy) -> int:
 def run_episodes(policy: VLAPolicy, env_id: str, recipe: PruningRecipe, episodes: int, seed: int,
                  video_out: Path | None = None, progress: bool = False, warmup_steps: int = 0) -> dict:
     """Closed-loop episodes on held-out seeds; aggregate metrics. `warmup_steps` untimed policy calls
-    go first (a bench compares steady-state rates; the first calls of a new pipeline pay one-off
+    go first (a bench compares steady-state rates; the first calls of a new recipe pay one-off
     allocation and kernel-selection costs)."""
     from envs import make_env
 

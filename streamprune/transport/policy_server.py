@@ -41,7 +41,7 @@ class ServerStats:
 
 
 class PolicyServer:
-    """Serve `policy` with `pipeline` on `bind` until `stop` is set (poll granularity 50 ms)."""
+    """Serve `policy` with `recipe` on `bind` until `stop` is set (poll granularity 50 ms)."""
 
     def __init__(self, policy: VLAPolicy, recipe: PruningRecipe, bind: str, image_shape: tuple[int, ...],
                  allow_remote: bool = False) -> None:
