@@ -156,6 +156,16 @@ class VideoLLMAdapter(ABC):
 
     # -- shared ----------------------------------------------------------------------------------
     @property
+    def device(self) -> torch.device:
+        """Where the model's weights live; every tensor the adapter or a method makes goes here."""
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The language model's compute dtype (bfloat16 on a GPU as users run it)."""
+        return self.language_model.dtype
+
+    @property
     def language_model(self) -> torch.nn.Module:
         return self.model.model.language_model
 
