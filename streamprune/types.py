@@ -53,9 +53,10 @@ class VisualTokens:
         return self.features.reshape(t, h * w, -1)
 
     @staticmethod
-    def grid_positions(t: int, h: int, w: int) -> torch.Tensor:
+    def grid_positions(t: int, h: int, w: int, device: torch.device | str | None = None) -> torch.Tensor:
         """`[t*h*w, 3]` raster-order (t, h, w) coordinates."""
-        tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+        tt, hh, ww = torch.meshgrid(torch.arange(t, device=device), torch.arange(h, device=device),
+                                    torch.arange(w, device=device), indexing="ij")
         return torch.stack([tt, hh, ww], dim=-1).reshape(-1, 3)
 
 

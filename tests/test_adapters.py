@@ -99,7 +99,7 @@ def test_inner_llm_attention_matches_eager_attention_weights(tiny_model_dirs, fa
     from streamprune.pruning.base import Budget, PruneContext
     from streamprune.pruning.registry import make_method
 
-    adapter = load_adapter(tiny_model_dirs[family], attn_implementation="eager")
+    adapter = load_adapter(tiny_model_dirs[family], "eager")
     clip = random_clip()
     video = adapter.encode(clip, fps=2.0)
     layout = adapter.layout(video, adapter.prompt_ids(QUESTION))

@@ -47,7 +47,7 @@ def test_action_attention_matches_eager_weights(vla_dir):
     """The tap's attention equals the eager attention rows of the action-decoding queries."""
     from streamprune.models import load_adapter
 
-    adapter = load_adapter(vla_dir, attn_implementation="eager")
+    adapter = load_adapter(vla_dir, "eager")
     policy = VLAPolicy(adapter, VLAPolicy.load(vla_dir).actions)
     step = policy.act(_image(), "reach the red circle", build_recipe("none"), PruneContext())
     ids = policy.actions.to_ids(step.action)

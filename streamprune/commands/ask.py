@@ -30,7 +30,7 @@ def run(config: AskConfig) -> int:
         raise InputError(f"no frames decoded from {config.video}")
     decode_ms = (time.perf_counter() - start) * 1000
     loaded = time.perf_counter()
-    adapter = load_model(config.model, config.attn_implementation)
+    adapter = load_model(config.model, config.placement, frames=config.max_frames)
     load_ms = (time.perf_counter() - loaded) * 1000
     clip = np.stack([f.image for f in frames])
     answer = adapter.answer(clip, config.question, recipe, PruneContext(seed=config.seed), fps=config.fps,

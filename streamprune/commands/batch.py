@@ -24,9 +24,10 @@ if TYPE_CHECKING:
     from streamprune.runtime.batch_job import BatchJob, BatchReport
 
 
-def _actor_options(specs: list[str]) -> dict[str, Any]:
-    """NAME=AMOUNT flags -> Ray actor options (CPU/GPU go to num_cpus/num_gpus, others to resources)."""
-    options: dict[str, Any] = {}
+def _actor_options(specs: list[str], device: str = "auto") -> dict[str, Any]:
+    """NAME=AMOUNT flags -> Ray actor options (CPU/GPU go to num_cpus/num_gpus, others to resources).
+    A CUDA `device` asks Ray for one GPU per model actor unless a GPU amount is given."""
+    options: dict[str, Any] = {"num_gpus": 1.0} if device.startswith("cuda") else {}
     resources: dict[str, float] = {}
     for spec in specs:
         name, sep, amount = spec.partition("=")
@@ -77,13 +78,13 @@ def build_job(config: BatchConfig) -> BatchJob:
     settings = WorkerSettings(
         question=_question(config), model=_model_spec(config.model), method=config.method,
         retain=config.retain, max_tokens=config.max_tokens, fps=config.fps,
-        max_new_tokens=config.max_new_tokens, seed=config.seed, attn_implementation=config.attn_implementation,
+        max_new_tokens=config.max_new_tokens, seed=config.seed, placement=config.placement,
     )
     return BatchJob(
         inputs=find_inputs(config.inputs), output=Path(config.output), settings=settings,
         max_frames=config.max_frames, segment_seconds=config.segment_seconds,
         num_workers=config.num_workers, use_ray=not config.no_ray, ray_address=config.ray_address,
-        actor_options=_actor_options(config.actor_resource), overwrite=config.overwrite,
+        actor_options=_actor_options(config.actor_resource, config.placement.device), overwrite=config.overwrite,
     )
 
 

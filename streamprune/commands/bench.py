@@ -32,7 +32,7 @@ def run_accuracy(config: BenchAccuracyConfig) -> int:
         methods = [m for m in registered if m != "none"] + [f for f in files if f not in registered]
     else:
         methods = _checked_methods(list(config.methods))
-    adapter = load_model(config.model)
+    adapter = load_model(config.model, config.placement)
     rows = run_accuracy_bench(adapter, methods, list(config.retain), config.n, seed=config.seed,
                               progress=sys.stderr.isatty())
     print(format_table(rows))
@@ -68,7 +68,7 @@ def run_robot(config: BenchRobotConfig) -> int:
     from streamprune.runtime.robot import load_policy
 
     methods = _checked_methods(list(config.methods))
-    policy = load_policy(config.model)
+    policy = load_policy(config.model, config.placement)
     rows = compare_methods(policy, config.env, methods, list(config.retain), config.episodes,
                            progress=sys.stderr.isatty())
     print(format_robot_table(rows))

@@ -18,7 +18,7 @@ def run(config: RobotConfig) -> int:
     if config.env not in known_env_ids():
         make_env(config.env)  # raises the one-line ConfigError listing known ids
     recipe = build_recipe(config.method, retain=config.retain)
-    policy = load_policy(config.model)
+    policy = load_policy(config.model, config.placement)
     result = run_episodes(policy, config.env, recipe, config.episodes, config.seed,
                           Path(config.video_out) if config.video_out else None, progress=sys.stderr.isatty())
     if config.json:
@@ -36,7 +36,7 @@ def run_serve(config: ServePolicyConfig) -> int:
     from streamprune.transport.policy_server import PolicyServer
 
     recipe = build_recipe(config.method, retain=config.retain)
-    policy = load_policy(config.model)
+    policy = load_policy(config.model, config.placement)
     size = policy_image_size(policy)
     server = PolicyServer(policy, recipe, config.bind, (size, size, 3), allow_remote=config.allow_remote)
     print(f"serving {config.method} policy on {server.endpoint} (images {size}x{size}x3 uint8); Ctrl-C stops",

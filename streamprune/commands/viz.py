@@ -32,7 +32,7 @@ def run(config: VizConfig) -> int:
     frames = decode_frames(config.video, fps=fps, max_frames=config.max_frames)
     if not frames:
         raise InputError(f"no frames decoded from {config.video}")
-    adapter = load_model(config.model)
+    adapter = load_model(config.model, config.placement, frames=config.max_frames)
     clip = np.stack([f.image for f in frames])
     highlight = select_tokens(adapter, clip, recipe, fps, PruneContext(seed=config.seed), config.question)
     images, maps = render(frames, highlight, adapter.frames_per_unit)

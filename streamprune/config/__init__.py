@@ -22,13 +22,14 @@ from streamprune.config.commands import (AskConfig, BatchConfig, BenchAccuracyCo
                                          BenchRobotConfig, DemoConfig, LiveConfig, MethodsConfig, PublishConfig,
                                          RobotConfig, ServePolicyConfig, VizConfig)
 from streamprune.config.fields import DEFAULT_ENV, DEFAULT_VIDEO_MODEL, DEFAULT_VLA_MODEL, option
-from streamprune.config.schema import MemoryConfig, MethodConfig, ModelConfig, StageConfig
+from streamprune.config.schema import DeviceConfig, MemoryConfig, MethodConfig, ModelConfig, StageConfig
 from streamprune.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
 T = TypeVar("T")
 __all__ = ["AskConfig", "BatchConfig", "BenchAccuracyConfig", "BenchDecodeConfig", "BenchRobotConfig", "CONFIG_DIR",
-           "DEFAULT_ENV", "DEFAULT_VIDEO_MODEL", "DEFAULT_VLA_MODEL", "DemoConfig", "LiveConfig", "MemoryConfig",
+           "DEFAULT_ENV", "DEFAULT_VIDEO_MODEL", "DEFAULT_VLA_MODEL", "DemoConfig", "DeviceConfig", "LiveConfig",
+           "MemoryConfig",
            "MethodConfig", "MethodsConfig", "ModelConfig", "PublishConfig", "RobotConfig", "ServePolicyConfig",
            "StageConfig", "VizConfig", "from_dict", "load_command_defaults", "load_yaml", "method_config", "option",
            "resolve_model"]
@@ -64,7 +65,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     return cls(**kwargs)
 
 
-_NESTED = {"ModelConfig": ModelConfig, "MemoryConfig": MemoryConfig}
+_NESTED = {"ModelConfig": ModelConfig, "MemoryConfig": MemoryConfig, "DeviceConfig": DeviceConfig}
 
 
 def load_yaml(path: Path) -> dict[str, Any]:

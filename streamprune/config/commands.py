@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from streamprune.config.fields import (DEFAULT_ENV, max_tokens_option, method_option, model_option, name_list, option,
                                        policy_option, positive_float, positive_int, retain_list, retain_option,
                                        retain_ratio, seed_option)
-from streamprune.config.schema import MemoryConfig
+from streamprune.config.schema import DeviceConfig, MemoryConfig
 
 
 @dataclass
@@ -24,7 +24,7 @@ class ClipQAConfig:
                              parse=positive_int, metavar="N")
     max_new_tokens: int = option(16, "answer length cap (default 16)", parse=positive_int, metavar="K")
     seed: int = seed_option()
-    attn_implementation: str = "sdpa"
+    placement: DeviceConfig = field(default_factory=DeviceConfig)
 
 
 @dataclass
@@ -47,6 +47,7 @@ class DemoConfig:
     retain: float | None = retain_option()
     max_tokens: int | None = max_tokens_option()
     n: int = option(8, "number of questions (default 8)", parse=positive_int)
+    placement: DeviceConfig = field(default_factory=DeviceConfig)
 
 
 @dataclass
@@ -73,6 +74,7 @@ class VizConfig:
     question: str = option("Describe the video.", "prompt for inner-LLM stages, whose choice depends on it",
                            flags=("--question", "-q"))
     seed: int = seed_option()
+    placement: DeviceConfig = field(default_factory=DeviceConfig)
 
 
 @dataclass
@@ -124,6 +126,7 @@ class LiveConfig:
     fps: float | None = option(2.0, "frames per second of stream taken into memory (default 2)",
                                parse=positive_float)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    placement: DeviceConfig = field(default_factory=DeviceConfig)
     incremental_kv: bool = option(False, "keep the memory's KV cache between questions (LLaVA-OneVision) "
                                          "instead of re-prefilling the memory for each question")
     no_ray: bool = option(False, "run the stages as threads in this process")
@@ -170,6 +173,7 @@ class RobotConfig:
     seed: int = seed_option(help="offset of the held-out episode seeds")
     video_out: str | None = option(None, "write each episode as an MP4 into DIR", metavar="DIR")
     json: bool = option(False, "print one JSON object")
+    placement: DeviceConfig = field(default_factory=DeviceConfig)
 
 
 @dataclass
@@ -182,6 +186,7 @@ class ServePolicyConfig:
     method: str = option("none", "pruning method (e.g. vla_pruner)", metavar="NAME")
     retain: float | None = option(None, "share of visual tokens kept, in (0, 1]", parse=retain_ratio, metavar="R")
     allow_remote: bool = option(False, "allow binding a non-loopback address")
+    placement: DeviceConfig = field(default_factory=DeviceConfig)
 
 
 @dataclass
@@ -196,6 +201,7 @@ class BenchAccuracyConfig:
                                  parse=retain_list)
     n: int = option(300, "held-out questions (default 300)", parse=positive_int)
     seed: int = seed_option()
+    placement: DeviceConfig = field(default_factory=DeviceConfig)
     json: str | None = option(None, "write rows and run metadata as JSON", metavar="FILE")
     plot: str | None = option(None, "plot accuracy vs tokens kept and vs prefill time", metavar="FILE.png")
 
@@ -224,5 +230,6 @@ class BenchRobotConfig:
     retain: list[float] = option((0.5, 0.25, 0.1), "comma-separated budgets (default 0.5,0.25,0.1)",
                                  parse=retain_list)
     episodes: int = option(100, "episodes per row (default 100)", parse=positive_int)
+    placement: DeviceConfig = field(default_factory=DeviceConfig)
     json: str | None = option(None, "write the rows as JSON", metavar="FILE")
     plot: str | None = option(None, "plot success and control steps/s against retain", metavar="FILE.png")

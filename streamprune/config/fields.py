@@ -102,3 +102,30 @@ def policy_option() -> Any:
     return option(DEFAULT_VLA_MODEL, f"VLA policy: a directory or a configs/models name (default "
                                      f"{DEFAULT_VLA_MODEL}: the embedded trained policy)",
                   flags=("--model", "--policy"), metavar="NAME|PATH")
+
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+ATTENTION_BACKENDS = ("auto", "sdpa", "eager", "flash_attention_2")
+
+
+def device_name(text: Any) -> str:
+    """'auto', 'cpu', 'cuda' or 'cuda:N' (checked against the machine when the model loads)."""
+    value = str(text).strip().lower()
+    if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+        return value
+    raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {text!r}")
+
+
+def dtype_name(text: Any) -> str:
+    value = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}.get(
+        str(text).strip().lower(), str(text).strip().lower())
+    if value not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {text!r}")
+    return value
+
+
+def attention_name(text: Any) -> str:
+    value = str(text).strip().lower()
+    if value not in ATTENTION_BACKENDS:
+        raise ConfigError(f"--attn must be one of {', '.join(ATTENTION_BACKENDS)}, got {text!r}")
+    return value

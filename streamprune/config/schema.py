@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from streamprune.config.fields import option, positive_int
+from streamprune.config.fields import attention_name, device_name, dtype_name, option, positive_int
 from streamprune.errors import ConfigError
 
 
@@ -36,7 +36,26 @@ class ModelConfig:
 
     path: str | None = None
     embedded: str | None = None
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "sdpa"  # what `--attn auto` means for this model
+
+
+@dataclass
+class DeviceConfig:
+    """Where and how a command runs its model: the flags every model-loading command has.
+
+    device: auto (CUDA when available, else CPU), cpu, cuda or cuda:N.
+    dtype:  auto (bfloat16 on CUDA, the checkpoint's own dtype on CPU) or an explicit one.
+    attn:   the decoder's attention kernel; auto is the configs/models entry's (sdpa by default).
+            Inner-LLM methods compute the one attention row they need beside the kernel, so
+            sdpa and flash_attention_2 never fall back to eager.
+    """
+
+    device: str = option("auto", "auto (CUDA when available), cpu, cuda or cuda:N (default auto)",
+                         parse=device_name, metavar="DEVICE")
+    dtype: str = option("auto", "auto (bfloat16 on CUDA, the checkpoint's dtype on CPU), bfloat16, float16 "
+                                "or float32 (default auto)", parse=dtype_name, metavar="DTYPE")
+    attn: str = option("auto", "attention kernel: auto (the model entry's, sdpa by default), sdpa, eager or "
+                               "flash_attention_2", parse=attention_name, metavar="KERNEL")
 
 
 @dataclass

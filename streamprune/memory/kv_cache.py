@@ -90,7 +90,8 @@ class IncrementalKV:
         self.prefix_len = len(self.prefix)
 
     def _prefill(self, embeds: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(self.next_position, self.next_position + embeds.shape[0])[None]
+        positions = torch.arange(self.next_position, self.next_position + embeds.shape[0],
+                                 device=self.adapter.device)[None]
         self.next_position += embeds.shape[0]
         return self.adapter.forward_layers(embeds, positions, self.cache)
 
@@ -102,7 +103,10 @@ class IncrementalKV:
     def merged(self, anchor: torch.Tensor, member: torch.Tensor, anchor_weight: torch.Tensor,
                member_weight: torch.Tensor) -> None:
         a, m = anchor + self.prefix_len, member + self.prefix_len
-        total = torch.zeros(int(a.max()) + 1).index_add_(0, a, member_weight)[a] + anchor_weight  # per pair
+        device = self.adapter.device
+        a, m = a.to(device), m.to(device)
+        anchor_weight, member_weight = anchor_weight.to(device), member_weight.to(device)
+        total = torch.zeros(self.length, device=device).index_add_(0, a, member_weight)[a] + anchor_weight  # per pair
         for layer in self.cache.layers:
             for cached in (layer.keys, layer.values):
                 x = cached[0]  # [H, S, d]
@@ -113,7 +117,8 @@ class IncrementalKV:
 
     @torch.inference_mode()
     def compacted(self, keep: torch.Tensor) -> None:
-        rows = torch.cat([torch.arange(self.prefix_len), keep + self.prefix_len])
+        device = self.adapter.device
+        rows = torch.cat([torch.arange(self.prefix_len, device=device), keep.to(device) + self.prefix_len])
         for layer in self.cache.layers:
             layer.keys = layer.keys[:, :, rows]
             layer.values = layer.values[:, :, rows]
@@ -129,8 +134,9 @@ class IncrementalKV:
         question token's attention to them; the cache is left as it was."""
         prompt = self.adapter.prompt_ids(question)
         kept, position = self.length, self.next_position
-        embeds = torch.cat([newline.to(self.adapter.language_model.dtype), self.adapter.embed_ids(prompt.suffix)])
-        slots = self.prefix_len + torch.arange(tokens)
+        embeds = torch.cat([newline.to(self.adapter.device, self.adapter.language_model.dtype),
+                            self.adapter.embed_ids(prompt.suffix)])
+        slots = self.prefix_len + torch.arange(tokens, device=self.adapter.device)
         try:
             with LastQueryAttention(self.adapter, attention_layer, slots, self.cache) as attention:
                 hidden = self._prefill(embeds)

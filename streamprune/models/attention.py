@@ -49,7 +49,7 @@ def received_attention(adapter: Any, wanted: bool) -> Iterator[Captured]:
 def column_mean_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """`q, k: [H, S, d]` -> `[S]`: softmax(q k^T * scale) averaged over heads and query rows,
     i.e. how much attention each key position receives. One head at a time to bound memory."""
-    received = torch.zeros(k.shape[1], dtype=torch.float32)
+    received = torch.zeros(k.shape[1], dtype=torch.float32, device=k.device)
     for head in range(q.shape[0]):
         probs = torch.softmax((q[head].float() @ k[head].float().T) * scale, dim=-1)
         received += probs.mean(dim=0)
@@ -102,8 +102,8 @@ def mean_query_attention(layer: torch.nn.Module, hidden_in: torch.Tensor,
     q, k = decoder_queries_keys(layer, hidden_in, rope)
     k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
     length = q.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    received = torch.zeros(length)
+    causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+    received = torch.zeros(length, device=q.device)
     for head in range(q.shape[0]):
         scores = (q[head].float() @ k[head].float().T) * layer.self_attn.scaling
         received += torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1).mean(dim=0)

@@ -62,18 +62,18 @@ class PromptLayout:
     def keep(self, selection: Selection) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sequence with only the selected visual tokens: (embeds `[L', D]`, positions `[P, L']`,
         new sequence index of each kept visual token `[K]`). Positions are the originals."""
-        length = self.embeds.shape[0]
-        kept_slots = self.visual_slots[selection.indices]
-        keep_mask = torch.ones(length, dtype=torch.bool)
+        length, device = self.embeds.shape[0], self.embeds.device
+        kept_slots = self.visual_slots[selection.indices.to(device)]
+        keep_mask = torch.ones(length, dtype=torch.bool, device=device)
         keep_mask[self.visual_slots] = False
         keep_mask[kept_slots] = True
         embeds = self.embeds
         if selection.features is not None:
             embeds = embeds.clone()
-            embeds[kept_slots] = selection.features.to(embeds.dtype)
+            embeds[kept_slots] = selection.features.to(device, embeds.dtype)
         order = keep_mask.nonzero().squeeze(1)
-        new_index = torch.full((length,), -1, dtype=torch.long)
-        new_index[order] = torch.arange(order.numel())
+        new_index = torch.full((length,), -1, dtype=torch.long, device=device)
+        new_index[order] = torch.arange(order.numel(), device=device)
         return embeds[order], self.positions[:, order], new_index[kept_slots]
 
 
@@ -91,10 +91,12 @@ class Answer:
 
 
 class Timer:
-    """Wall-clock milliseconds per named phase."""
+    """Wall-clock milliseconds per named phase; on CUDA each phase ends with a synchronisation,
+    so a phase's time is its kernels', not just their launch."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | None = None) -> None:
         self.ms: dict[str, float] = {}
+        self.cuda = device is not None and device.type == "cuda"
 
     def __call__(self, name: str) -> "_Phase":
         return _Phase(self, name)
@@ -108,6 +110,8 @@ class _Phase:
         self.start = time.perf_counter()
 
     def __exit__(self, *exc: Any) -> None:
+        if self.timer.cuda:
+            torch.cuda.synchronize()
         elapsed = (time.perf_counter() - self.start) * 1000.0
         self.timer.ms[self.name] = self.timer.ms.get(self.name, 0.0) + elapsed
 
@@ -144,6 +148,13 @@ class VideoLLMAdapter(ABC):
     @abstractmethod
     def build_cacher(self, config: CacherConfig) -> Any:
         """This family's STC-Cacher (streamprune.encode) over its own vision tower."""
+
+    @classmethod
+    @abstractmethod
+    def visual_budget(cls, model_dir: Path, frames: int) -> tuple[int, int]:
+        """(visual tokens the LLM sees, vision-tower patches encoded at once), at most, for `frames`
+        frames of the checkpoint in `model_dir`, from its JSON files alone: what the memory check
+        before loading counts."""
 
     @abstractmethod
     def layout(self, video: EncodedVideo, prompt: PromptIds) -> PromptLayout:
@@ -186,7 +197,7 @@ class VideoLLMAdapter(ABC):
 
     def embed_ids(self, ids: list[int]) -> torch.Tensor:
         """Input embeddings `[len(ids), D]` of text token ids."""
-        return self.model.get_input_embeddings()(torch.tensor(ids, dtype=torch.long))
+        return self.model.get_input_embeddings()(torch.tensor(ids, dtype=torch.long, device=self.device))
 
     # -- the encoder stage: the one place a recipe's STC-Cacher is applied --------------------------
     def new_cacher(self, recipe: PruningRecipe) -> Any:
@@ -219,7 +230,7 @@ class VideoLLMAdapter(ABC):
 
         def feed(token: int) -> torch.Tensor:
             nonlocal position
-            pos = torch.full((position_dims, 1), position, dtype=torch.long)
+            pos = torch.full((position_dims, 1), position, dtype=torch.long, device=self.device)
             position += 1
             return self.logits(self.forward_layers(self.embed_ids([token]), pos, cache, after_layer=after_layer)[-1])
 
@@ -236,7 +247,8 @@ class VideoLLMAdapter(ABC):
         `inner.layer` cache every token and later layers only the survivors. `after_layer(index,
         layer, hidden_in, rope, cache)` is called after each layer (e.g. to read attention)."""
         lm = self.language_model
-        hidden = embeds[None].to(lm.dtype)
+        hidden = embeds[None].to(self.device, lm.dtype)
+        positions = positions.to(self.device)
         past = cache.get_seq_length()
         rope = lm.rotary_emb(hidden, self._position_ids(positions))
         mask = self._causal_mask(hidden.shape[1], past, hidden.dtype)
@@ -265,7 +277,7 @@ class VideoLLMAdapter(ABC):
         implementation = self.language_model.config._attn_implementation
         if q_len == 1 or "flash" in implementation or (implementation == "sdpa" and past == 0):
             return None
-        mask = torch.full((q_len, past + q_len), torch.finfo(dtype).min, dtype=dtype)
+        mask = torch.full((q_len, past + q_len), torch.finfo(dtype).min, dtype=dtype, device=self.device)
         mask = torch.triu(mask, diagonal=past + 1)
         return mask[None, None]
 
@@ -285,7 +297,7 @@ class VideoLLMAdapter(ABC):
     def prompt_logits(self, video: EncodedVideo, question: str, selection: Selection | None = None) -> torch.Tensor:
         """Logits `[L', V]` for every position of the (pruned) prompt; no generation."""
         layout = self.layout(video, self.prompt_ids(question))
-        selection = selection or Selection(indices=torch.arange(len(video.tokens)))
+        selection = selection or Selection(indices=torch.arange(len(video.tokens), device=self.device))
         embeds, positions, _ = layout.keep(selection)
         return self.logits(self.forward_layers(embeds, positions, DynamicCache()))
 
@@ -293,7 +305,7 @@ class VideoLLMAdapter(ABC):
     def answer(self, frames: np.ndarray, question: str, recipe: PruningRecipe,
                ctx: PruneContext | None = None, fps: float = 1.0, max_new_tokens: int = 16) -> Answer:
         """Encode, prune, prefill and greedily decode an answer, timing each phase."""
-        timer = Timer()
+        timer = Timer(self.device)
         with timer("encode"):
             video = self.encode_for(frames, recipe, fps=fps)
         return self.answer_encoded(video, question, recipe, ctx, max_new_tokens, timer)
@@ -302,7 +314,7 @@ class VideoLLMAdapter(ABC):
     def answer_encoded(self, video: EncodedVideo, question: str, recipe: PruningRecipe,
                        ctx: PruneContext | None = None, max_new_tokens: int = 16,
                        timer: Timer | None = None) -> Answer:
-        timer = timer or Timer()
+        timer = timer or Timer(self.device)
         ctx = ctx or PruneContext()
         with timer("prune"):
             selection = recipe.select(video.tokens, ctx)

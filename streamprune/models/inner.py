@@ -33,12 +33,13 @@ class InnerStage:
         self.input_embeds = input_embeds
         # grid positions of the tokens reaching the stage (methods that compare frames need them)
         n = len(visual_slots)
-        self.thw = thw if thw is not None else torch.zeros(n, 3, dtype=torch.long)
+        device = input_embeds.device
+        self.thw = (thw if thw is not None else torch.zeros(n, 3, dtype=torch.long)).to(device)
         self.grid = grid if grid is not None else (1, 1, n)
         self.attention: dict[str, torch.Tensor] = {}
         self.kept = len(visual_slots)
         # after pruning: which of the visual_slots survived, and their index in the new sequence
-        self.survivors = torch.arange(len(visual_slots))
+        self.survivors = torch.arange(len(visual_slots), device=device)
         self.survivor_slots = visual_slots
 
     def observe(self, layer: torch.nn.Module, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -56,7 +57,7 @@ class InnerStage:
             signals={**self.attention, "input_embeds": self.input_embeds},
         )
         selection = self.method(tokens, self.budget, self.ctx)
-        keep = torch.ones(hidden.shape[1], dtype=torch.bool)
+        keep = torch.ones(hidden.shape[1], dtype=torch.bool, device=hidden.device)
         keep[t_slots] = False
         keep[t_slots[selection.indices]] = True
         if selection.features is not None:

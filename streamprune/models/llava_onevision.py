@@ -7,7 +7,9 @@ gaps where pruned tokens were (as FastVID, FastV, DivPrune and VLA-Pruner do).
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +31,13 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
     @property
     def _video_token_id(self) -> int:
         return self.model.config.video_token_id
+
+    @classmethod
+    def visual_budget(cls, model_dir: Path, frames: int) -> tuple[int, int]:
+        vision = json.loads((Path(model_dir) / "config.json").read_text()).get("vision_config") or {}
+        side = int(vision.get("image_size", 384)) // int(vision.get("patch_size", 14))
+        pooled = math.ceil(side / 2)
+        return frames * pooled * pooled + 1, frames * side * side
 
     def build_cacher(self, config: CacherConfig) -> STCCacher:
         return STCCacher.from_llava_onevision(self.model, config)

@@ -9,6 +9,7 @@ exactly those it had unpruned, and generated text continues from the unpruned pr
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,21 @@ class Qwen25VLAdapter(VideoLLMAdapter):
     @property
     def frames_per_unit(self) -> int:
         return int(self._vision.temporal_patch_size)
+
+    @classmethod
+    def visual_budget(cls, model_dir: Path, frames: int) -> tuple[int, int]:
+        vision = json.loads((Path(model_dir) / "config.json").read_text()).get("vision_config") or {}
+        patch = int(vision.get("patch_size", 14))
+        merge, temporal = int(vision.get("spatial_merge_size", 2)), int(vision.get("temporal_patch_size", 2))
+        max_pixels = 224 * 224
+        for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+            path = Path(model_dir) / name
+            if path.is_file():
+                cfg = json.loads(path.read_text())
+                max_pixels = int(cfg.get("max_pixels") or (cfg.get("size") or {}).get("longest_edge") or max_pixels)
+                break
+        patches = (-(-frames // temporal)) * (max_pixels // (patch * patch))
+        return patches // (merge * merge), patches
 
     def build_cacher(self, config: CacherConfig) -> QwenSTCCacher:
         return QwenSTCCacher.from_qwen2_5_vl(self.model, config)

@@ -27,6 +27,7 @@ from streamprune.models.attention import last_query_attention
 from streamprune.models.generate import greedy_decode
 from streamprune.models.inner import InnerStage
 from streamprune.models.llava_onevision import LlavaOnevisionAdapter
+from streamprune.models.placement import Placement
 from streamprune.models.prompt import read_sidecar
 from streamprune.pruning.base import PruneContext
 from streamprune.pruning.recipe import PruningRecipe
@@ -75,7 +76,7 @@ class ActionAttentionTap:
                  inner: InnerStage | None) -> None:
         self.layer, self.n_visual = layer, n_visual
         self.pre_indices, self.pre_slots, self.inner = pre_indices, pre_slots, inner
-        self.total = torch.zeros(n_visual)
+        self.total = torch.zeros(n_visual, device=pre_indices.device)
         self.calls = 0
 
     def __call__(self, index: int, layer: torch.nn.Module, hidden_in: torch.Tensor,
@@ -113,10 +114,11 @@ class VLAPolicy:
         self.action_layer = default if action_layer is None else max(0, min(action_layer, depth - 1))
 
     @classmethod
-    def load(cls, path: str | Path, attn_implementation: str = "sdpa") -> "VLAPolicy":
+    def load(cls, path: str | Path, placement: "Placement | str | None" = None) -> "VLAPolicy":
+        """`placement`: a resolved Placement, or an attention implementation name (CPU)."""
         from streamprune.models import load_adapter
 
-        adapter = load_adapter(path, attn_implementation)
+        adapter = load_adapter(path, placement, frames=1)
         spec = read_sidecar(path).get("vla")
         if not isinstance(adapter, LlavaOnevisionAdapter) or not spec:
             raise ModelError(f"{path} is not a streamprune VLA policy (needs a LLaVA-OneVision model and a "

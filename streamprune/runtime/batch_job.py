@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from streamprune.config import DEFAULT_VIDEO_MODEL
+from streamprune.config import DEFAULT_VIDEO_MODEL, DeviceConfig
 from streamprune.errors import EXIT_PARTIAL, InputError
 from streamprune.runtime.batch_inputs import Plan, SegmentMeta, decode_segment, first_line, join_segments, plan_input
 from streamprune.runtime.batch_results import ResultsFile, latest_records
@@ -46,7 +46,7 @@ class WorkerSettings:
     fps: float = 1.0
     max_new_tokens: int = 16
     seed: int = 0
-    attn_implementation: str | None = None  # None: the model config's
+    placement: DeviceConfig = field(default_factory=DeviceConfig)  # resolved on the worker's own node
     torch_threads: int | None = None  # None: the process default (Ray sets 1 per actor)
 
 
@@ -63,7 +63,7 @@ class ModelWorker:
             torch.set_num_threads(settings.torch_threads)
         self.settings = settings
         self.recipe = build_recipe(settings.method, retain=settings.retain, max_tokens=settings.max_tokens)
-        self.adapter = load_model(settings.model, settings.attn_implementation)
+        self.adapter = load_model(settings.model, settings.placement)
         self.label = _worker_label()
 
     def ready(self) -> str:

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from streamprune.config import LiveConfig, MemoryConfig
+from streamprune.config import DeviceConfig, LiveConfig, MemoryConfig
 from streamprune.errors import ConfigError, InputError
 from streamprune.memory import MemoryUnit, StreamingMemory
 from streamprune.memory.kv_cache import IncrementalKV, LastQueryAttention, kv_cache_bytes
@@ -67,11 +67,11 @@ def process_rss() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def _load(model: str | None, threads: int, adapter: Any = None) -> Any:
+def _load(model: str | None, threads: int, adapter: Any = None, placement: DeviceConfig | None = None) -> Any:
     from streamprune.models import load_model
 
     torch.set_num_threads(threads)
-    return adapter if adapter is not None else load_model(model)
+    return adapter if adapter is not None else load_model(model, placement)
 
 
 def unit_recipe(method: str, retain: float | None, max_tokens: int | None) -> Any:
@@ -91,11 +91,12 @@ class EncodeStage:
     unit (the per-frame budget is `retain` of one unit's tokens)."""
 
     def __init__(self, model: str | None, method: str = "none", retain: float | None = None,
-                 max_tokens: int | None = None, seed: int = 0, threads: int = 1, adapter: Any = None) -> None:
+                 max_tokens: int | None = None, seed: int = 0, threads: int = 1, adapter: Any = None,
+                 placement: DeviceConfig | None = None) -> None:
         from streamprune.pruning.base import PruneContext
 
         self.recipe = unit_recipe(method, retain, max_tokens)
-        self.adapter = _load(model, threads, adapter)
+        self.adapter = _load(model, threads, adapter, placement)
         self.ctx = PruneContext(seed=seed)
         # the stream's STC-Cacher lives here: a restarted actor starts cold
         self.cacher = self.adapter.new_cacher(self.recipe)
@@ -127,11 +128,12 @@ class EncodeStage:
             selection = self.recipe.select(unit_tokens, self.ctx)
             kept = selection.apply(unit_tokens)
             first = frames[u * step]
-            units.append(MemoryUnit(features=kept.features.float().contiguous(), hw=kept.thw[:, 1:].clone(),
+            # the memory lives in host RAM (it crosses actors); each answer moves it to the device
+            units.append(MemoryUnit(features=kept.features.float().cpu().contiguous(), hw=kept.thw[:, 1:].cpu(),
                                     frame=first.index, timestamp=first.timestamp,
                                     tokens_before_pruning=per_unit))
         encode_ms = (time.perf_counter() - start) * 1000
-        return EncodedChunk(units=units, newline=video.always_kept.float(), encode_ms=encode_ms)
+        return EncodedChunk(units=units, newline=video.always_kept.float().cpu(), encode_ms=encode_ms)
 
     def pid(self) -> int:
         return os.getpid()
@@ -149,10 +151,10 @@ class MemoryStage:
 
     def __init__(self, model: str | None, memory: MemoryConfig, max_new_tokens: int = 16,
                  attention_layer: int | None = None, threads: int = 1, adapter: Any = None,
-                 incremental_kv: bool = False) -> None:
+                 incremental_kv: bool = False, placement: DeviceConfig | None = None) -> None:
         from streamprune.pruning.recipe import build_recipe
 
-        self.adapter = _load(model, threads, adapter)
+        self.adapter = _load(model, threads, adapter, placement)
         self.none = build_recipe("none")
         self.max_new_tokens = max_new_tokens
         layers = len(self.adapter.language_model.layers)
@@ -202,7 +204,7 @@ class MemoryStage:
                 raise InputError("no frames in memory yet")
             text, attention, timings = self._reprefill_answer(question, snap)
         if attention is not None:
-            self.memory.credit_attention(snap.uid, attention)
+            self.memory.credit_attention(snap.uid, attention.float().cpu())
         return LiveAnswer(question=question, text=text, stream_time=snap.stream_time,
                           memory_start=snap.start_time, visual_tokens=len(snap),
                           latency_ms=(time.perf_counter() - start) * 1000, timings_ms=timings)
@@ -246,9 +248,9 @@ class LocalStages:
     """Both stages in this process (`--no-ray`), sharing one copy of the model."""
 
     def __init__(self, config: LiveConfig) -> None:
-        adapter = _load(config.model, config.threads) if config.incremental_kv else None
+        adapter = _load(config.model, config.threads, placement=config.placement) if config.incremental_kv else None
         self.encoder = EncodeStage(config.model, config.method, config.retain, config.max_tokens, config.seed,
-                                   config.threads, adapter=adapter)
+                                   config.threads, adapter=adapter, placement=config.placement)
         self.memory = MemoryStage(config.model, config.memory, config.max_new_tokens, threads=config.threads,
                                   adapter=self.encoder.adapter, incremental_kv=config.incremental_kv)
         self.unit_frames = self.encoder.unit_frames()
@@ -273,12 +275,15 @@ class RayStages:
         unit_recipe(config.method, config.retain, config.max_tokens)
         check_model(config.model)  # fail here, in one line, rather than inside an actor
         self._ray = ray
-        encoder_cls = ray.remote(EncodeStage).options(max_restarts=-1, max_task_retries=task_retries, num_cpus=0)
-        memory_cls = ray.remote(MemoryStage).options(max_concurrency=2, num_cpus=0)
+        # on CUDA the two stages share one GPU (each holds a copy of the model)
+        gpus = 0.5 if config.placement.device.startswith("cuda") else 0
+        encoder_cls = ray.remote(EncodeStage).options(max_restarts=-1, max_task_retries=task_retries, num_cpus=0,
+                                                      num_gpus=gpus)
+        memory_cls = ray.remote(MemoryStage).options(max_concurrency=2, num_cpus=0, num_gpus=gpus)
         self.encoder = encoder_cls.remote(config.model, config.method, config.retain, config.max_tokens,
-                                          config.seed, config.threads)
+                                          config.seed, config.threads, placement=config.placement)
         self.memory = memory_cls.remote(config.model, config.memory, config.max_new_tokens, None, config.threads,
-                                        None, config.incremental_kv)
+                                        None, config.incremental_kv, placement=config.placement)
         self.unit_frames = ray.get(self.encoder.unit_frames.remote())
 
     def encode_add(self, frames: list[Frame], fps: float) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from streamprune.config import DEFAULT_ENV, DEFAULT_VLA_MODEL
+from streamprune.config import DEFAULT_ENV, DEFAULT_VLA_MODEL, DeviceConfig
 from streamprune.models.vla import VLAPolicy
 from streamprune.pruning.base import PruneContext
 from streamprune.pruning.recipe import PruningRecipe
@@ -26,12 +26,13 @@ log = logging.getLogger(__name__)
 HELD_OUT_SEED = 100_000  # evaluation episodes use seeds from here; training uses seeds below it
 
 
-def load_policy(spec: str | None = DEFAULT_VLA_MODEL) -> VLAPolicy:
-    """The VLA policy `spec` names (a configs/models name or a directory; default: the embedded one)."""
-    from streamprune.models import resolve_model_dir
+def load_policy(spec: str | None = DEFAULT_VLA_MODEL, placement: DeviceConfig | None = None) -> VLAPolicy:
+    """The VLA policy `spec` names (a configs/models name or a directory; default: the embedded one)
+    on the device `placement` asks for."""
+    from streamprune.models import resolve_model_dir, resolve_placement
 
     path, attn = resolve_model_dir(spec or DEFAULT_VLA_MODEL)
-    return VLAPolicy.load(path, attn)
+    return VLAPolicy.load(path, resolve_placement(placement, attn))
 
 
 def policy_image_size(policy: VLAPolicy) -> int:
