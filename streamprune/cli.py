@@ -59,6 +59,8 @@ BENCHES: dict[str, Command] = {
                       help="our PyAV decoding vs `ffmpeg -i FILE -f null -`"),
     "robot": Command(configs.BenchRobotConfig, "streamprune.commands.bench", "run_robot",
                      help="success and control rate per method x budget"),
+    "speed": Command(configs.BenchSpeedConfig, "streamprune.commands.bench", "run_speed",
+                     help="phase-by-phase speed at a public checkpoint's shapes, beside the FLOPs ratio"),
 }
 # configs/pipelines/NAME.yaml that may override a command's defaults
 DEFAULTS_FILE = {"ask": "ask", "batch": "batch"}

@@ -9,7 +9,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from streamprune.config import CONFIG_DIR, BenchAccuracyConfig, BenchDecodeConfig, BenchRobotConfig, method_config
+from streamprune.config import (CONFIG_DIR, BenchAccuracyConfig, BenchDecodeConfig, BenchRobotConfig, BenchSpeedConfig,
+                                method_config)
 from streamprune.errors import ConfigError, InputError
 
 
@@ -19,25 +20,34 @@ def _checked_methods(names: list[str]) -> list[str]:
     return names
 
 
+def _methods(names: list[str]) -> list[str]:
+    """'all': every registered method and every recipe file of another name (stc); else the names, checked."""
+    from streamprune.pruning.registry import available
+
+    if list(names) != ["all"]:
+        return _checked_methods(list(names))
+    registered = available()
+    files = sorted(p.stem for p in (CONFIG_DIR / "methods").glob("*.yaml"))
+    return [m for m in registered if m != "none"] + [f for f in files if f not in registered]
+
+
+def _machine() -> str:
+    return f"{platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()}"
+
+
 def run_accuracy(config: BenchAccuracyConfig) -> int:
     import torch
 
     from streamprune.bench.accuracy import format_table, plot, run_accuracy_bench, write_json
     from streamprune.models import load_model
-    from streamprune.pruning.registry import available
 
-    registered = available()
-    if list(config.methods) == ["all"]:  # every registered method and every recipe file of another name (stc)
-        files = sorted(p.stem for p in (CONFIG_DIR / "methods").glob("*.yaml"))
-        methods = [m for m in registered if m != "none"] + [f for f in files if f not in registered]
-    else:
-        methods = _checked_methods(list(config.methods))
+    methods = _methods(config.methods)
     adapter = load_model(config.model, config.placement)
     rows = run_accuracy_bench(adapter, methods, list(config.retain), config.n, seed=config.seed,
                               progress=sys.stderr.isatty())
     print(format_table(rows))
     meta = {"model": str(adapter.model_dir), "family": adapter.family, "n": config.n, "retains": list(config.retain),
-            "machine": f"{platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()}",
+            "machine": _machine(),
             "torch_threads": torch.get_num_threads()}
     if config.json:
         write_json(rows, config.json, meta)
@@ -77,4 +87,36 @@ def run_robot(config: BenchRobotConfig) -> int:
                                                  "rows": rows}, indent=1))
     if config.plot:
         plot_robot(rows, config.plot)
+    return 0
+
+
+def run_speed(config: BenchSpeedConfig) -> int:
+    import torch
+
+    from streamprune.bench.speed import (build_shape_adapter, format_speed_table, plot_speed, run_speed_bench,
+                                         synthetic_clip, time_video_decode, write_speed_json)
+    from streamprune.models import resolve_placement
+
+    methods = _methods(config.methods)
+    placement = resolve_placement(config.placement)
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = build_shape_adapter(config.shape, config.layers, placement, Path(tmp), config.frames)
+        clip = synthetic_clip(config.frames)
+        decode_ms = time_video_decode(clip, config.repeats, Path(tmp))
+        rows = run_speed_bench(adapter, clip, methods, list(config.retain), config.repeats, config.decode_tokens,
+                               progress=sys.stderr.isatty())
+    depth = len(adapter.language_model.layers)
+    decoded = f"{decode_ms:.1f} ms" if decode_ms is not None else "not timed (no PyAV)"
+    print(f"{config.shape} ({depth} decoder layers), {config.frames} frames {clip.shape[2]}x{clip.shape[1]}, "
+          f"{placement.describe()}; video decode {decoded}")
+    print(format_speed_table(rows))
+    meta = {"shape": config.shape, "layers": depth, "frames": config.frames, "device": str(placement.device),
+            "dtype": str(adapter.dtype).removeprefix("torch."), "attn": placement.attn, "repeats": config.repeats,
+            "decode_tokens": config.decode_tokens, "video_decode_ms": decode_ms, "machine": _machine(),
+            "gpu": torch.cuda.get_device_name(placement.device) if placement.is_cuda else None,
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    if config.json:
+        write_speed_json(rows, config.json, meta)
+    if config.plot:
+        plot_speed(rows, config.plot, f"bench speed: {config.shape}, {config.frames} frames, {placement.describe()}")
     return 0

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import yaml
 
 from streamprune.config.commands import (AskConfig, BatchConfig, BenchAccuracyConfig, BenchDecodeConfig,
-                                         BenchRobotConfig, DemoConfig, LiveConfig, MethodsConfig, PublishConfig,
+                                         BenchRobotConfig, BenchSpeedConfig, DemoConfig, LiveConfig, MethodsConfig, PublishConfig,
                                          RobotConfig, ServePolicyConfig, VizConfig)
 from streamprune.config.fields import DEFAULT_ENV, DEFAULT_VIDEO_MODEL, DEFAULT_VLA_MODEL, option
 from streamprune.config.schema import DeviceConfig, MemoryConfig, MethodConfig, ModelConfig, StageConfig
@@ -27,7 +27,7 @@ from streamprune.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
 T = TypeVar("T")
-__all__ = ["AskConfig", "BatchConfig", "BenchAccuracyConfig", "BenchDecodeConfig", "BenchRobotConfig", "CONFIG_DIR",
+__all__ = ["AskConfig", "BatchConfig", "BenchAccuracyConfig", "BenchDecodeConfig", "BenchRobotConfig", "BenchSpeedConfig", "CONFIG_DIR",
            "DEFAULT_ENV", "DEFAULT_VIDEO_MODEL", "DEFAULT_VLA_MODEL", "DemoConfig", "DeviceConfig", "LiveConfig",
            "MemoryConfig",
            "MethodConfig", "MethodsConfig", "ModelConfig", "PublishConfig", "RobotConfig", "ServePolicyConfig",

@@ -9,6 +9,7 @@ from streamprune.config.fields import (DEFAULT_ENV, max_tokens_option, method_op
                                        policy_option, positive_float, positive_int, retain_list, retain_option,
                                        retain_ratio, seed_option)
 from streamprune.config.schema import DeviceConfig, MemoryConfig
+from streamprune.errors import ConfigError
 
 
 @dataclass
@@ -233,3 +234,35 @@ class BenchRobotConfig:
     placement: DeviceConfig = field(default_factory=DeviceConfig)
     json: str | None = option(None, "write the rows as JSON", metavar="FILE")
     plot: str | None = option(None, "plot success and control steps/s against retain", metavar="FILE.png")
+
+
+SPEED_SHAPES = ("llava-ov-0.5b", "llava-ov-7b", "qwen2.5-vl-3b", "qwen2.5-vl-7b")
+
+
+def shape_name(text: object) -> str:
+    value = str(text).strip().lower()
+    if value not in SPEED_SHAPES:
+        raise ConfigError(f"--shape must be one of {', '.join(SPEED_SHAPES)}, got {text!r}")
+    return value
+
+
+@dataclass
+class BenchSpeedConfig:
+    """`streamprune bench speed`: encode, prune, prefill, TTFT and decode time, KV bytes and peak
+    memory per method x retain on a randomly initialised model with a public checkpoint's exact
+    shapes, each speed-up printed beside its FLOPs ratio, measured in one run."""
+
+    shape: str = option("llava-ov-0.5b", f"public checkpoint shape: {', '.join(SPEED_SHAPES)} (default "
+                                         "llava-ov-0.5b)", parse=shape_name, metavar="NAME")
+    layers: int | None = option(None, "decoder layers to build (default: the checkpoint's; fewer on small "
+                                      "machines)", parse=positive_int, metavar="N")
+    frames: int = option(16, "frames of the synthetic clip (default 16)", parse=positive_int, metavar="N")
+    methods: list[str] = option(("all",), "comma-separated names, or 'all' (default)", parse=name_list)
+    retain: list[float] = option((1.0, 0.5, 0.25, 0.1), "comma-separated budgets (default 1,0.5,0.25,0.1)",
+                                 parse=retain_list)
+    repeats: int = option(3, "timed repeats per row after one warm-up; the median is kept (default 3)",
+                          parse=positive_int)
+    decode_tokens: int = option(16, "greedy tokens decoded per run (default 16)", parse=positive_int, metavar="K")
+    placement: DeviceConfig = field(default_factory=DeviceConfig)
+    json: str | None = option(None, "write rows and run metadata as JSON", metavar="FILE")
+    plot: str | None = option(None, "plot speed-up vs tokens kept with the FLOPs ratio", metavar="FILE.png")

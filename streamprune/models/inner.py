@@ -6,6 +6,7 @@ Layers before K cache every token, later layers only the survivors; positions st
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -41,14 +42,35 @@ class InnerStage:
         # after pruning: which of the visual_slots survived, and their index in the new sequence
         self.survivors = torch.arange(len(visual_slots), device=device)
         self.survivor_slots = visual_slots
+        # set by benchmarks: time observe + prune (synchronising on CUDA), the stage's own cost
+        self.timed = False
+        self.selection_ms = 0.0
+
+    def _clock(self, device: torch.device) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
 
     def observe(self, layer: torch.nn.Module, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> None:
+        start = self._clock(hidden.device) if self.timed else 0.0
+        self._observe(layer, hidden, rope)
+        if self.timed:
+            self.selection_ms += (self._clock(hidden.device) - start) * 1000
+
+    def prune(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start = self._clock(hidden.device) if self.timed else 0.0
+        out = self._prune(hidden, positions)
+        if self.timed:
+            self.selection_ms += (self._clock(hidden.device) - start) * 1000
+        return out
+
+    def _observe(self, layer: torch.nn.Module, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> None:
         # the last query row is O(L d); the all-query mean is O(L^2 d), so only when asked for
         self.attention = {"llm_attention_last": last_query_attention(layer, hidden, rope)[self.visual_slots]}
         if "llm_attention_mean" in self.method.requires:
             self.attention["llm_attention_mean"] = mean_query_attention(layer, hidden, rope)[self.visual_slots]
 
-    def prune(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prune(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t_slots = self.visual_slots
         tokens = VisualTokens(
             features=hidden[0, t_slots],
