@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from streamprune.videofile import pattern_frames, write_video
 
 
 def _make(
@@ -26,6 +25,8 @@ def _make(
     name: str | None = None,
     **write_kwargs,
 ) -> Path:
+    from streamprune.videofile import pattern_frames, write_video  # PyAV only where a clip is made
+
     name = name or f"clip_{codec}_{frames}f_{width}x{height}_{fps:g}fps_g{gop}"
     return write_video(directory / name, pattern_frames(frames, width, height), fps, codec, gop=gop, **write_kwargs)
 

@@ -3,11 +3,12 @@
 The model is the real transformers class with a public checkpoint's exact config (configs/shapes),
 randomly initialised on the device (`--layers` shortens the decoder on small machines), with the
 checkpoint's processor settings and a locally built tokenizer; the clip is a synthetic moving-shapes
-stream, written as H.264 and decoded with PyAV when PyAV is installed. Per row: warm-up, then the
-median of `repeats` runs of encode (with the recipe's STC-Cacher, if any) -> prune -> prefill ->
-first token -> `decode_tokens` greedy tokens, each phase timed with CUDA events on a GPU. Next to
-each prefill speed-up stands the FLOPs ratio, so the reader sees how much of what pruning can give
-the runtime delivers.
+stream with one scene cut, written as H.264 and decoded with PyAV when PyAV is installed. Each
+distinct encoder stage (plain, with a side signal, with an STC-Cacher) is timed once and shared by
+its rows; per row, after a warm-up, the median of `repeats` runs of prune -> prefill -> first token
+-> `decode_tokens` greedy tokens, each phase timed with CUDA events on a GPU. An inner-LLM stage's
+own work (its attention row and choice) counts as prune, not prefill. Next to each prefill speed-up
+stands the FLOPs ratio, so the reader sees how much of what pruning can give the runtime delivers.
 """
 
 from __future__ import annotations
