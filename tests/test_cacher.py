@@ -17,7 +17,6 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTra
 from streamprune.encode import CacherConfig, QwenSTCCacher, STCCacher
 from streamprune.errors import ConfigError, InputError
 from streamprune.models.preprocess import qwen_video_patches
-from streamprune.models.tiny import tiny_llava_onevision, tiny_qwen2_5_vl, word_tokenizer
 
 # A cache_interval this large means only the first frame is an interval refresh.
 NO_INTERVAL = 10_000

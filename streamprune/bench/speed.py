@@ -31,6 +31,7 @@ from streamprune.models.base import EncodedVideo, VideoLLMAdapter
 from streamprune.models.generate import greedy_decode
 from streamprune.models.inner import inner_layer
 from streamprune.models.placement import Placement
+from streamprune.outputs import output_file, write_text
 from streamprune.pruning.base import PruneContext
 from streamprune.pruning.recipe import PruningRecipe, build_recipe
 
@@ -121,6 +122,7 @@ def encoder_key(recipe: PruningRecipe) -> tuple[str, frozenset[str]]:
     return json.dumps(recipe.encoder_options, sort_keys=True), recipe.requires
 
 
+@torch.inference_mode()
 def time_encode(adapter: VideoLLMAdapter, clip: np.ndarray, recipe: PruningRecipe, repeats: int,
                 fps: float = 1.0) -> tuple[EncodedVideo, float]:
     """The recipe's encoding of the clip (a fresh STC-Cacher per run) and its median ms after a warm-up."""
@@ -132,6 +134,7 @@ def time_encode(adapter: VideoLLMAdapter, clip: np.ndarray, recipe: PruningRecip
     return video, statistics.median(times[1:])
 
 
+@torch.inference_mode()
 def _one_run(adapter: VideoLLMAdapter, video: EncodedVideo, recipe: PruningRecipe,
              decode_tokens: int) -> tuple[dict[str, float], dict[str, int]]:
     clock = PhaseClock(adapter.device)
@@ -218,7 +221,7 @@ def format_speed_table(rows: list[SpeedRow]) -> str:
 
 
 def write_speed_json(rows: list[SpeedRow], path: str | Path, meta: dict) -> None:
-    Path(path).write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
+    write_text(path, json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1), "--json")
 
 
 def plot_speed(rows: list[SpeedRow], path: str | Path, title: str) -> None:
@@ -246,7 +249,8 @@ def plot_speed(rows: list[SpeedRow], path: str | Path, title: str) -> None:
     left.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with output_file(path, "--plot") as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 

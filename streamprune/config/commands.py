@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from streamprune.config.fields import (DEFAULT_ENV, max_tokens_option, method_option, model_option, name_list, option,
+from streamprune.config.fields import (CONFIG_DIR, DEFAULT_ENV, max_tokens_option, method_option, model_option, name_list, option,
                                        policy_option, positive_float, positive_int, retain_list, retain_option,
                                        retain_ratio, seed_option)
 from streamprune.config.schema import DeviceConfig, MemoryConfig
@@ -236,13 +236,15 @@ class BenchRobotConfig:
     plot: str | None = option(None, "plot success and control steps/s against retain", metavar="FILE.png")
 
 
-SPEED_SHAPES = ("llava-ov-0.5b", "llava-ov-7b", "qwen2.5-vl-3b", "qwen2.5-vl-7b")
+def speed_shapes() -> list[str]:
+    """The public checkpoint shapes in configs/shapes (one folder each)."""
+    return sorted(p.name for p in (CONFIG_DIR / "shapes").iterdir() if (p / "config.json").is_file())
 
 
 def shape_name(text: object) -> str:
     value = str(text).strip().lower()
-    if value not in SPEED_SHAPES:
-        raise ConfigError(f"--shape must be one of {', '.join(SPEED_SHAPES)}, got {text!r}")
+    if value not in speed_shapes():
+        raise ConfigError(f"--shape must be one of {', '.join(speed_shapes())}, got {text!r}")
     return value
 
 
@@ -252,8 +254,8 @@ class BenchSpeedConfig:
     memory per method x retain on a randomly initialised model with a public checkpoint's exact
     shapes, each speed-up printed beside its FLOPs ratio, measured in one run."""
 
-    shape: str = option("llava-ov-0.5b", f"public checkpoint shape: {', '.join(SPEED_SHAPES)} (default "
-                                         "llava-ov-0.5b)", parse=shape_name, metavar="NAME")
+    shape: str = option("llava-ov-0.5b", f"public checkpoint shape in configs/shapes: {', '.join(speed_shapes())} "
+                                         "(default llava-ov-0.5b)", parse=shape_name, metavar="NAME")
     layers: int | None = option(None, "decoder layers to build (default: the checkpoint's; fewer on small "
                                       "machines)", parse=positive_int, metavar="N")
     frames: int = option(16, "frames of the synthetic clip (default 16)", parse=positive_int, metavar="N")

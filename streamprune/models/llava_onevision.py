@@ -17,16 +17,22 @@ import torch
 
 from streamprune.encode.cacher import CacherConfig
 from streamprune.encode.families import STCCacher
+from streamprune.models.attention import received_attention
 from streamprune.models.base import EncodedVideo, PromptLayout, VideoLLMAdapter
-from streamprune.models.preprocess import SIGLIP_NORM, Normalisation, square_pixels
-from streamprune.models.prompt import QWEN_CHAT_TEMPLATE, PromptIds
-from streamprune.models.attention import column_mean_attention, received_attention
+from streamprune.models.preprocess import SIGLIP_NORM, Normalisation, square_pixels, square_size
+from streamprune.models.prompt import QWEN_CHAT_TEMPLATE, PromptIds, resolve_template
 from streamprune.types import VisualTokens
 
 
 class LlavaOnevisionAdapter(VideoLLMAdapter):
     family = "llava_onevision"
     default_template = QWEN_CHAT_TEMPLATE
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, model_dir: str | Path | None = None,
+                 prompt_template: str | None = None, eos_token: str | None = None) -> None:
+        """`prompt_template` (the sidecar's) wins over the checkpoint's chat template; see models.prompt."""
+        template = resolve_template(tokenizer, model_dir, model.config.video_token_id, prompt_template)
+        super().__init__(model, tokenizer, model_dir, template, eos_token)
 
     @property
     def _video_token_id(self) -> int:
@@ -43,9 +49,11 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
         return STCCacher.from_llava_onevision(self.model, config)
 
     def pixels(self, frames: np.ndarray) -> torch.Tensor:
-        """`[T, H, W, 3]` uint8 -> `[T, 3, S, S]` as the vision tower expects."""
+        """`[T, H, W, 3]` uint8 -> `[T, 3, S, S]` on the model's device in the tower's dtype, with the
+        checkpoint's video-processor size and mean/std (384 px, SigLIP's 0.5/0.5 for the public ones)."""
+        size = square_size(self.model_dir, self.model.config.vision_config.image_size)
         norm = Normalisation.from_dir(self.model_dir, SIGLIP_NORM)
-        return square_pixels(frames, self.model.config.vision_config.image_size, norm)
+        return square_pixels(frames, size, norm).to(self.device, self.model.model.vision_tower.dtype)
 
     def token_grid(self, n_frames: int) -> tuple[int, int, int]:
         side = self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size
@@ -81,12 +89,12 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
         ids = prompt.prefix + [self._video_token_id] * n_visual + prompt.suffix
         embeds = self.embed_ids(ids)
         start = len(prompt.prefix)
-        visual = torch.cat([video.tokens.features, video.always_kept]).to(embeds.dtype)
+        visual = torch.cat([video.tokens.features, video.always_kept]).to(embeds.device, embeds.dtype)
         embeds[start:start + n_visual] = visual
         return PromptLayout(
             embeds=embeds,
-            positions=torch.arange(len(ids))[None],
-            visual_slots=start + torch.arange(len(video.tokens)),
+            positions=torch.arange(len(ids), device=self.device)[None],
+            visual_slots=start + torch.arange(len(video.tokens), device=self.device),
             next_position=len(ids),
         )
 
@@ -94,7 +102,7 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
         prompt = self.prompt_ids(question)
         t, h, w = self.token_grid(len(frames))
         ids = prompt.prefix + [self._video_token_id] * (t * h * w + 1) + prompt.suffix
-        return {"input_ids": torch.tensor([ids]), "pixel_values_videos": self.pixels(frames)[None]}
+        return {"input_ids": torch.tensor([ids], device=self.device), "pixel_values_videos": self.pixels(frames)[None]}
 
     def vision_attention_layer(self) -> torch.nn.Module:
         """The SigLIP attention module whose output feeds the projector (config.vision_feature_layer)."""
@@ -113,13 +121,14 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
         x = args[0] if args else kwargs["hidden_states"]  # [F, P, C]
         frames, patches, _ = x.shape
         heads = module.num_heads
-        received = []
-        for frame in x:
-            q = module.q_proj(frame).view(patches, heads, -1).transpose(0, 1)
-            k = module.k_proj(frame).view(patches, heads, -1).transpose(0, 1)
-            received.append(column_mean_attention(q, k, module.scale))
+        q = module.q_proj(x).view(frames, patches, heads, -1).transpose(1, 2).float()  # [F, H, P, d]
+        k = module.k_proj(x).view(frames, patches, heads, -1).transpose(1, 2).float()
+        received = torch.zeros(frames, patches, device=x.device)
+        for head in range(heads):  # every frame at once, one head at a time to bound memory
+            probs = torch.softmax((q[:, head] @ k[:, head].transpose(1, 2)) * module.scale, dim=-1)  # [F, P, P]
+            received += probs.mean(dim=1)
         side = int(round(patches ** 0.5))
-        grid = torch.stack(received).view(frames, 1, side, side)
+        grid = (received / heads).view(frames, 1, side, side)
         _, h, w = self.token_grid(frames)
         # pooled exactly like the features (LlavaOnevisionModel.apply_pooling)
         pooled = torch.nn.functional.interpolate(grid, size=(h, w), mode="bilinear")

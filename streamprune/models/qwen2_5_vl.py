@@ -18,10 +18,10 @@ from transformers.vision_utils import get_vision_window_index
 
 from streamprune.encode.cacher import CacherConfig
 from streamprune.encode.families import QwenSTCCacher
-from streamprune.models.attention import apply_rope, column_mean_attention, received_attention
+from streamprune.models.attention import apply_rope, received_attention
 from streamprune.models.base import EncodedVideo, PromptLayout, VideoLLMAdapter
-from streamprune.models.preprocess import CLIP_NORM, Normalisation, qwen_video_patches
-from streamprune.models.prompt import PromptIds
+from streamprune.models.preprocess import CLIP_NORM, Normalisation, qwen_pixel_limits, qwen_video_patches
+from streamprune.models.prompt import PromptIds, resolve_template
 from streamprune.types import VisualTokens
 
 QWEN_VL_CHAT_TEMPLATE = (
@@ -35,6 +35,12 @@ class Qwen25VLAdapter(VideoLLMAdapter):
     default_template = QWEN_VL_CHAT_TEMPLATE
     position_kind = "mrope"
 
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, model_dir: str | Path | None = None,
+                 prompt_template: str | None = None, eos_token: str | None = None) -> None:
+        """`prompt_template` (the sidecar's) wins over the checkpoint's chat template; see models.prompt."""
+        template = resolve_template(tokenizer, model_dir, model.config.video_token_id, prompt_template)
+        super().__init__(model, tokenizer, model_dir, template, eos_token)
+
     @property
     def frames_per_unit(self) -> int:
         return int(self._vision.temporal_patch_size)
@@ -44,13 +50,7 @@ class Qwen25VLAdapter(VideoLLMAdapter):
         vision = json.loads((Path(model_dir) / "config.json").read_text()).get("vision_config") or {}
         patch = int(vision.get("patch_size", 14))
         merge, temporal = int(vision.get("spatial_merge_size", 2)), int(vision.get("temporal_patch_size", 2))
-        max_pixels = 224 * 224
-        for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
-            path = Path(model_dir) / name
-            if path.is_file():
-                cfg = json.loads(path.read_text())
-                max_pixels = int(cfg.get("max_pixels") or (cfg.get("size") or {}).get("longest_edge") or max_pixels)
-                break
+        _, max_pixels = qwen_pixel_limits(model_dir)
         patches = (-(-frames // temporal)) * (max_pixels // (patch * patch))
         return patches // (merge * merge), patches
 
@@ -62,21 +62,20 @@ class Qwen25VLAdapter(VideoLLMAdapter):
         return self.model.config.vision_config
 
     def patches(self, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """`[T, H, W, 3]` uint8 -> (flattened patches `[S, 3*tp*p*p]`, video_grid_thw `[1, 3]`)."""
-        limits = {"min_pixels": 56 * 56, "max_pixels": 224 * 224}
-        if self.model_dir is not None and (self.model_dir / "preprocessor_config.json").is_file():
-            cfg = json.loads((self.model_dir / "preprocessor_config.json").read_text())
-            size = cfg.get("size", {})
-            limits["min_pixels"] = cfg.get("min_pixels", size.get("shortest_edge", limits["min_pixels"]))
-            limits["max_pixels"] = cfg.get("max_pixels", size.get("longest_edge", limits["max_pixels"]))
-        return qwen_video_patches(
+        """`[T, H, W, 3]` uint8 -> (flattened patches `[S, 3*tp*p*p]` in the ViT's dtype, video_grid_thw
+        `[1, 3]`), on the model's device; per-frame pixel limits and mean/std from the checkpoint's
+        video processor (video_preprocessor_config.json, else preprocessor_config.json)."""
+        min_pixels, max_pixels = qwen_pixel_limits(self.model_dir)
+        patches, grid_thw = qwen_video_patches(
             frames,
             patch_size=self._vision.patch_size,
             merge_size=self._vision.spatial_merge_size,
             temporal_patch_size=self._vision.temporal_patch_size,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
             norm=Normalisation.from_dir(self.model_dir, CLIP_NORM),
-            **limits,
         )
+        return patches.to(self.device, self.model.model.visual.dtype), grid_thw.to(self.device)
 
     def token_grid(self, grid_thw: torch.Tensor) -> tuple[int, int, int]:
         t, h, w = grid_thw[0].tolist()
@@ -102,36 +101,39 @@ class Qwen25VLAdapter(VideoLLMAdapter):
 
     def _ids(self, prompt: PromptIds, n_visual: int) -> tuple[list[int], torch.Tensor]:
         ids = prompt.prefix + [self.model.config.video_token_id] * n_visual + prompt.suffix
-        types = torch.zeros(1, len(ids), dtype=torch.int)
+        types = torch.zeros(1, len(ids), dtype=torch.int, device=self.device)
         types[0, len(prompt.prefix):len(prompt.prefix) + n_visual] = VIDEO_TYPE
         return ids, types
 
     def _second_per_grid(self, fps: float) -> torch.Tensor:
-        return torch.tensor([self._vision.temporal_patch_size / fps])
+        """Seconds one temporal patch spans: `temporal_patch_size / fps`, as the processor computes it."""
+        return torch.tensor([self._vision.temporal_patch_size / fps], device=self.device)
 
     def layout(self, video: EncodedVideo, prompt: PromptIds) -> PromptLayout:
         n = len(video.tokens)
         ids, types = self._ids(prompt, n)
         t, h, w = video.tokens.grid
         m = self._vision.spatial_merge_size
-        grid_thw = torch.tensor([[t, h * m, w * m]])
+        grid_thw = torch.tensor([[t, h * m, w * m]], device=self.device)
         positions, _ = self.model.model.get_rope_index(
-            torch.tensor([ids]), mm_token_type_ids=types, video_grid_thw=grid_thw,
+            torch.tensor([ids], device=self.device), mm_token_type_ids=types, video_grid_thw=grid_thw,
             second_per_grid_ts=self._second_per_grid(video.fps),
         )
         embeds = self.embed_ids(ids)
         start = len(prompt.prefix)
-        embeds[start:start + n] = video.tokens.features.to(embeds.dtype)
+        embeds[start:start + n] = video.tokens.features.to(embeds.device, embeds.dtype)
         positions = positions[:, 0, :]  # [3, L]
-        return PromptLayout(embeds=embeds, positions=positions, visual_slots=start + torch.arange(n),
+        slots = start + torch.arange(n, device=self.device)
+        return PromptLayout(embeds=embeds, positions=positions, visual_slots=slots,
                             next_position=int(positions.max()) + 1)
 
     def reference_inputs(self, frames: np.ndarray, question: str, fps: float = 1.0) -> dict[str, torch.Tensor]:
         patches, grid_thw = self.patches(frames)
         t, h, w = self.token_grid(grid_thw)
         ids, types = self._ids(self.prompt_ids(question), t * h * w)
-        return {"input_ids": torch.tensor([ids]), "pixel_values_videos": patches, "video_grid_thw": grid_thw,
-                "mm_token_type_ids": types, "second_per_grid_ts": self._second_per_grid(fps)}
+        return {"input_ids": torch.tensor([ids], device=self.device), "pixel_values_videos": patches,
+                "video_grid_thw": grid_thw, "mm_token_type_ids": types,
+                "second_per_grid_ts": self._second_per_grid(fps)}
 
     def vision_attention_layer(self) -> torch.nn.Module:
         return self.model.model.visual.blocks[-1].attn
@@ -145,15 +147,35 @@ class Qwen25VLAdapter(VideoLLMAdapter):
         seq = x.shape[0]
         q, k, _ = module.qkv(x).reshape(seq, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         cos, sin = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
-        q = apply_rope(q.float(), cos, sin).transpose(0, 1)  # [H, S, d]
-        k = apply_rope(k.float(), cos, sin).transpose(0, 1)
-        received = torch.empty(seq)
-        bounds = cu.tolist()
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            received[a:b] = column_mean_attention(q[:, a:b], k[:, a:b], module.scaling)
+        q = apply_rope(q.float(), cos, sin)  # [S, H, d]
+        k = apply_rope(k.float(), cos, sin)
+        received = segment_received_attention(q, k, cu.to(x.device), module.scaling)
         unit = self._vision.spatial_merge_size ** 2
         window_index, _ = get_vision_window_index(
             self._grid_thw, self._vision.spatial_merge_size, self._vision.window_size, self._vision.patch_size
         )
         per_token = received.view(-1, unit).mean(dim=1)  # merge units in window order
-        return per_token[torch.argsort(window_index)]
+        return per_token[torch.argsort(window_index).to(per_token.device)]
+
+
+def segment_received_attention(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor,
+                               scale: float) -> torch.Tensor:
+    """`q, k: [S, H, d]` attending only within the segments `cu_seqlens` bounds (frames or windows)
+    -> `[S]`: the attention each position receives, averaged over its segment's queries and the
+    heads. All segments at once, padded to the longest (masked), one head at a time."""
+    seq, heads = q.shape[:2]
+    starts, lengths = cu_seqlens[:-1].long(), cu_seqlens.diff().long()
+    width = int(lengths.max())
+    offsets = torch.arange(width, device=q.device)
+    valid = offsets < lengths[:, None]  # [G, W]
+    index = (starts[:, None] + offsets).clamp(max=seq - 1)  # [G, W]
+    qs, ks = q[index], k[index]  # [G, W, H, d]
+    received = torch.zeros(index.shape, device=q.device)
+    for head in range(heads):
+        scores = (qs[:, :, head] @ ks[:, :, head].transpose(1, 2)) * scale  # [G, W, W]
+        probs = torch.softmax(scores.masked_fill(~valid[:, None, :], float("-inf")), dim=-1)
+        received += (probs * valid[:, :, None]).sum(dim=1)
+    received = received / (lengths[:, None] * heads)
+    out = torch.empty(seq, device=q.device)
+    out[index[valid]] = received[valid]
+    return out
