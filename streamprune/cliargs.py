@@ -2,6 +2,8 @@
 
 The parser's defaults are the config's own (after configs/pipelines/NAME.yaml), so `--help` shows
 what a run uses, and `config_from_args` fills the same dataclass back; nothing is declared twice.
+Text that is not UTF-8 (argv bytes that do not decode arrive as lone surrogates, PEP 383) is
+refused there, naming the flag: the tokenizer, PyAV and zmq would each fail on it differently.
 """
 
 from __future__ import annotations
@@ -88,12 +90,25 @@ def add_config_arguments(parser: argparse.ArgumentParser, defaults: Any) -> None
 def config_from_args(defaults: T, args: argparse.Namespace) -> T:
     """`defaults` with every option replaced by its parsed flag value."""
     config = _copy(defaults)
-    for dest, _ in _fields(type(defaults)):
+    for dest, f in _fields(type(defaults)):
         key = dest.replace(".", "__")
         if hasattr(args, key):
-            _set(config, dest, getattr(args, key))
+            _set(config, dest, _utf8(getattr(args, key), f))
     _revalidate(config)
     return config
+
+
+def _utf8(value: Any, f: dataclasses.Field) -> Any:
+    """`value`, unless a text in it is not valid UTF-8 (a one-line ConfigError naming the flag)."""
+    for text in value if isinstance(value, list) else [value]:
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                meta = f.metadata["cli"]
+                flag = meta["metavar"] if meta["positional"] else (meta["flags"] or (f"--{f.name.replace('_', '-')}",))[0]
+                raise ConfigError(f"{flag}: not valid UTF-8 text (at character {err.start})") from None
+    return value
 
 
 def parse_config(defaults: T, argv: list[str], prog: str = "streamprune") -> T:

@@ -20,3 +20,9 @@ class ConfigError(StreampruneError):
 
 class ModelError(StreampruneError):
     """A model path that does not exist or holds no supported model."""
+
+
+class OutputError(ConfigError):
+    """An output path that cannot be written: a folder, under a regular file, a device or FIFO,
+    no permission, a read-only or full file system (see `streamprune.outputs`). A ConfigError:
+    the flag that names it is what the user changes."""

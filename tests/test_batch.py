@@ -109,8 +109,9 @@ def test_segments_cover_the_clip_with_an_open_last_window():
 def test_usage_errors_exit_2_before_any_work(mixed_folder, tmp_path, tiny_model_dirs):
     root, _ = mixed_folder
     model = str(tiny_model_dirs["llava_onevision"])
-    with pytest.raises(ConfigError, match="does not exist"):
-        run(parse([str(root), "-q", QUESTION, "-o", str(tmp_path / "no" / "such" / "out.jsonl"), "--no-ray",
+    with pytest.raises(ConfigError, match="a file is in the way"):
+        (tmp_path / "file").write_text("x")
+        run(parse([str(root), "-q", QUESTION, "-o", str(tmp_path / "file" / "out.jsonl"), "--no-ray",
                    "--model", model]))
     with pytest.raises(ConfigError, match="is a folder"):
         run(parse([str(root), "-q", QUESTION, "-o", str(tmp_path), "--no-ray", "--model", model]))

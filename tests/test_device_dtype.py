@@ -162,3 +162,23 @@ def test_batch_asks_ray_for_one_gpu_per_model_actor_on_cuda():
     assert _actor_options(["GPU=2"], "cuda:0") == {"num_gpus": 2.0}
     assert _actor_options([], "cpu") == {}
     assert _actor_options([], "auto") == {}
+
+
+def test_bench_speed_smoke_at_real_llava_ov_shapes(tmp_path, capsys):
+    """Real LLaVA-OV-0.5B shapes (SigLIP-so400m at 384 px, the 0.5B decoder cut to 6 layers), 8
+    frames: the table, JSON and plot come out and the numbers are consistent. Not a timing test."""
+    import json
+
+    out = tmp_path / "speed.json"
+    code = main(["bench", "speed", "--shape", "llava-ov-0.5b", "--layers", "6", "--frames", "8", "--methods",
+                 "uniform", "--retain", "0.1", "--repeats", "1", "--warmup", "0", "--decode-tokens", "2",
+                 "--json", str(out), "--plot", str(tmp_path / "speed.png")])
+    assert code == 0
+    assert "| uniform | 0.1 |" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    none, uniform = data["rows"]
+    assert data["meta"]["layers"] == 6 and none["visual_tokens_in"] == 8 * 196
+    assert uniform["visual_tokens_kept"] <= 0.1 * 8 * 196 + 1
+    assert uniform["encode_ms"] == none["encode_ms"]  # one shared encoding of the plain tower
+    assert 0 < uniform["prefill_flops_ratio"] < 0.2 and uniform["kv_bytes"] < none["kv_bytes"]
+    assert (tmp_path / "speed.png").stat().st_size > 0

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from streamprune.data.synthetic_qa import make_items
 from streamprune.models.base import VideoLLMAdapter
 from streamprune.models.inner import inner_layer
+from streamprune.outputs import output_file, write_text
 from streamprune.pruning.base import PruneContext
 from streamprune.pruning.recipe import PruningRecipe, build_recipe
 
@@ -157,7 +158,7 @@ def format_table(rows: list[BenchRow]) -> str:
 
 
 def write_json(rows: list[BenchRow], path: str | Path, meta: dict) -> None:
-    Path(path).write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
+    write_text(path, json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1), "--json")
 
 
 def plot(rows: list[BenchRow], path: str | Path) -> None:
@@ -182,5 +183,6 @@ def plot(rows: list[BenchRow], path: str | Path) -> None:
     right.legend(fontsize=7, loc="lower right")
     fig.suptitle("accuracy vs retention (streamprune bench accuracy)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with output_file(path, "--plot") as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)

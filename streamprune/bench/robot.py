@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from streamprune.models.vla import VLAPolicy
+from streamprune.outputs import output_file
 from streamprune.pruning.recipe import build_recipe
 from streamprune.runtime.robot import run_episodes
 
@@ -54,7 +55,8 @@ def plot_robot(rows: list[dict], path: str | Path) -> None:
     right.legend(fontsize=8)
     fig.suptitle(f"closed-loop control, {base['episodes']} held-out episodes per point (streamprune bench robot)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with output_file(path, "--plot") as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 

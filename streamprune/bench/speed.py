@@ -123,15 +123,15 @@ def encoder_key(recipe: PruningRecipe) -> tuple[str, frozenset[str]]:
 
 
 @torch.inference_mode()
-def time_encode(adapter: VideoLLMAdapter, clip: np.ndarray, recipe: PruningRecipe, repeats: int,
+def time_encode(adapter: VideoLLMAdapter, clip: np.ndarray, recipe: PruningRecipe, repeats: int, warmup: int = 1,
                 fps: float = 1.0) -> tuple[EncodedVideo, float]:
-    """The recipe's encoding of the clip (a fresh STC-Cacher per run) and its median ms after a warm-up."""
+    """The recipe's encoding of the clip (a fresh STC-Cacher per run) and its median ms after the warm-up."""
     times, video = [], None
-    for _ in range(repeats + 1):
+    for _ in range(warmup + repeats):
         clock = PhaseClock(adapter.device)
         video = clock.phase("encode", lambda: adapter.encode_for(clip, recipe, fps=fps))
         times.append(clock.read()["encode"])
-    return video, statistics.median(times[1:])
+    return video, statistics.median(times[warmup:])
 
 
 @torch.inference_mode()
@@ -161,10 +161,11 @@ def _one_run(adapter: VideoLLMAdapter, video: EncodedVideo, recipe: PruningRecip
 
 
 def measure(adapter: VideoLLMAdapter, video: EncodedVideo, recipe: PruningRecipe, repeats: int,
-            decode_tokens: int) -> tuple[dict[str, float], dict[str, int], int | None]:
-    """Median phase times over `repeats` runs after one warm-up, the token counts, and the CUDA peak."""
+            decode_tokens: int, warmup: int = 1) -> tuple[dict[str, float], dict[str, int], int | None]:
+    """Median phase times over `repeats` runs after `warmup` untimed ones, the token counts, and the CUDA peak."""
     cuda = adapter.device.type == "cuda"
-    _one_run(adapter, video, recipe, decode_tokens)
+    for _ in range(warmup):
+        _one_run(adapter, video, recipe, decode_tokens)
     if cuda:
         torch.cuda.reset_peak_memory_stats(adapter.device)
     runs = [_one_run(adapter, video, recipe, decode_tokens) for _ in range(repeats)]
@@ -174,7 +175,8 @@ def measure(adapter: VideoLLMAdapter, video: EncodedVideo, recipe: PruningRecipe
 
 
 def run_speed_bench(adapter: VideoLLMAdapter, clip: np.ndarray, methods: list[str], retains: list[float],
-                    repeats: int = 3, decode_tokens: int = 16, progress: bool = False) -> list[SpeedRow]:
+                    repeats: int = 3, decode_tokens: int = 16, warmup: int = 1,
+                    progress: bool = False) -> list[SpeedRow]:
     """`none` first, then every method x retain; speed-ups are against `none` in this run. Each
     distinct encoder stage (plain, with a side signal, with an STC-Cacher) is encoded and timed
     once; its rows share that encoding."""
@@ -185,9 +187,9 @@ def run_speed_bench(adapter: VideoLLMAdapter, clip: np.ndarray, methods: list[st
         recipe = build_recipe(method, retain=retain)
         key = encoder_key(recipe)
         if key not in encodings:
-            encodings[key] = time_encode(adapter, clip, recipe, repeats)
+            encodings[key] = time_encode(adapter, clip, recipe, repeats, warmup)
         video, encode_ms = encodings[key]
-        ms, counts, peak = measure(adapter, video, recipe, repeats, decode_tokens)
+        ms, counts, peak = measure(adapter, video, recipe, repeats, decode_tokens, warmup)
         layer = inner_layer(adapter, recipe.inner_llm) if recipe.inner_llm is not None else None
         full = prefill_flops(adapter, counts["text"], counts["in"], counts["in"], None)
         flops = prefill_flops(adapter, counts["text"], counts["pre_llm"], counts["kept"], layer) / full

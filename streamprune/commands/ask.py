@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from streamprune.config import AskConfig
+from streamprune.config.fields import question_text
 from streamprune.errors import InputError
 
 log = logging.getLogger("streamprune")
@@ -21,6 +22,7 @@ def run(config: AskConfig) -> int:
     from streamprune.pruning.base import PruneContext
     from streamprune.pruning.recipe import build_recipe
 
+    question = question_text(config.question, "--question")
     recipe = build_recipe(config.method, retain=config.retain, max_tokens=config.max_tokens)
     if not Path(config.video).is_file():
         raise InputError(f"video file not found: {config.video}")
@@ -33,13 +35,13 @@ def run(config: AskConfig) -> int:
     adapter = load_model(config.model, config.placement, frames=config.max_frames)
     load_ms = (time.perf_counter() - loaded) * 1000
     clip = np.stack([f.image for f in frames])
-    answer = adapter.answer(clip, config.question, recipe, PruneContext(seed=config.seed), fps=config.fps,
+    answer = adapter.answer(clip, question, recipe, PruneContext(seed=config.seed), fps=config.fps,
                             max_new_tokens=config.max_new_tokens)
     timings = {f"{k}_ms": round(v, 3) for k, v in answer.timings_ms.items()}
     total_ms = round((time.perf_counter() - start) * 1000 - load_ms, 3)  # excludes the one-off model load
     if config.json:
         print(json.dumps({
-            "answer": answer.text, "video": str(config.video), "question": config.question,
+            "answer": answer.text, "video": str(config.video), "question": question,
             "frames": len(frames), "frame_timestamps": [round(f.timestamp, 3) for f in frames],
             "visual_tokens_in": answer.visual_tokens_in, "visual_tokens_kept": answer.visual_tokens_kept,
             "method": config.method, "retain": recipe.budget.retain, "max_tokens": recipe.budget.max_tokens,

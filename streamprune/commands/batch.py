@@ -13,11 +13,14 @@ runtime is imported inside the functions, so importing this module loads no torc
 
 from __future__ import annotations
 
+import os
+import stat
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from streamprune.config import BatchConfig
+from streamprune.config.fields import MAX_QUESTION_CHARS, question_text
 from streamprune.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -48,17 +51,29 @@ def _actor_options(specs: list[str], device: str = "auto") -> dict[str, Any]:
 
 def _question(config: BatchConfig) -> str:
     if config.question is not None:
-        text = config.question
-    else:
-        try:
-            text = Path(config.prompt_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            reason = getattr(err, "strerror", None) or err
-            raise ConfigError(f"cannot read --prompt-file {config.prompt_file}: {reason}") from None
-    text = text.strip()
-    if not text:
-        raise ConfigError("the question is empty")
-    return text
+        return question_text(config.question, "--question")
+    try:
+        return question_text(_read_prompt_file(config.prompt_file))
+    except ConfigError as err:
+        raise ConfigError(f"--prompt-file {config.prompt_file}: {err}") from None
+
+
+def _read_prompt_file(name: str) -> str:
+    """The text of --prompt-file, read only if it is a regular file (a FIFO would block the open)
+    of question size (a larger file would only make the prefill crawl)."""
+    limit = MAX_QUESTION_CHARS * 4  # UTF-8 takes at most 4 bytes a character
+    try:
+        info = os.stat(name)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError("not a regular file")
+        if info.st_size > limit:
+            raise ConfigError(f"{info.st_size} bytes; a question is at most {MAX_QUESTION_CHARS} characters")
+        with open(name, "rb") as fh:
+            return fh.read(limit + 1).decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"not UTF-8 text (byte {err.start})") from None
+    except OSError as err:
+        raise ConfigError(f"cannot be read: {err.strerror or err}") from None
 
 
 def _model_spec(spec: str) -> str:

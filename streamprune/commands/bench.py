@@ -12,6 +12,7 @@ from pathlib import Path
 from streamprune.config import (CONFIG_DIR, BenchAccuracyConfig, BenchDecodeConfig, BenchRobotConfig, BenchSpeedConfig,
                                 method_config)
 from streamprune.errors import ConfigError, InputError
+from streamprune.outputs import check_output, write_text
 
 
 def _checked_methods(names: list[str]) -> list[str]:
@@ -31,11 +32,19 @@ def _methods(names: list[str]) -> list[str]:
     return [m for m in registered if m != "none"] + [f for f in files if f not in registered]
 
 
+def _check_outputs(config: object) -> None:
+    """--json / --plot are checked before the bench runs, not after."""
+    for flag in ("json", "plot"):
+        if getattr(config, flag, None):
+            check_output(getattr(config, flag), f"--{flag}")
+
+
 def _machine() -> str:
     return f"{platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()}"
 
 
 def run_accuracy(config: BenchAccuracyConfig) -> int:
+    _check_outputs(config)
     import torch
 
     from streamprune.bench.accuracy import format_table, plot, run_accuracy_bench, write_json
@@ -57,6 +66,7 @@ def run_accuracy(config: BenchAccuracyConfig) -> int:
 
 
 def run_decode(config: BenchDecodeConfig) -> int:
+    _check_outputs(config)
     from streamprune.bench.decode_bench import generate_clip, run_decode_bench
 
     if config.file is None and config.generate is None:
@@ -69,11 +79,12 @@ def run_decode(config: BenchDecodeConfig) -> int:
     text = json.dumps(result, indent=2)
     print(text)
     if config.json:
-        Path(config.json).write_text(text)
+        write_text(config.json, text, "--json")
     return 0
 
 
 def run_robot(config: BenchRobotConfig) -> int:
+    _check_outputs(config)
     from streamprune.bench.robot import compare_methods, format_robot_table, plot_robot
     from streamprune.runtime.robot import load_policy
 
@@ -83,14 +94,15 @@ def run_robot(config: BenchRobotConfig) -> int:
                            progress=sys.stderr.isatty())
     print(format_robot_table(rows))
     if config.json:
-        Path(config.json).write_text(json.dumps({"policy": str(policy.adapter.model_dir), "env": config.env,
-                                                 "rows": rows}, indent=1))
+        write_text(config.json, json.dumps({"policy": str(policy.adapter.model_dir), "env": config.env,
+                                            "rows": rows}, indent=1), "--json")
     if config.plot:
         plot_robot(rows, config.plot)
     return 0
 
 
 def run_speed(config: BenchSpeedConfig) -> int:
+    _check_outputs(config)
     import torch
 
     from streamprune.bench.speed import (build_shape_adapter, format_speed_table, plot_speed, run_speed_bench,
@@ -104,14 +116,15 @@ def run_speed(config: BenchSpeedConfig) -> int:
         clip = synthetic_clip(config.frames)
         decode_ms = time_video_decode(clip, config.repeats, Path(tmp))
         rows = run_speed_bench(adapter, clip, methods, list(config.retain), config.repeats, config.decode_tokens,
-                               progress=sys.stderr.isatty())
+                               config.warmup, progress=sys.stderr.isatty())
     depth = len(adapter.language_model.layers)
     decoded = f"{decode_ms:.1f} ms" if decode_ms is not None else "not timed (no PyAV)"
+    dtype = str(adapter.dtype).removeprefix("torch.")
     print(f"{config.shape} ({depth} decoder layers), {config.frames} frames {clip.shape[2]}x{clip.shape[1]}, "
-          f"{placement.describe()}; video decode {decoded}")
+          f"{placement.device} {dtype} {placement.attn}; video decode {decoded}")
     print(format_speed_table(rows))
     meta = {"shape": config.shape, "layers": depth, "frames": config.frames, "device": str(placement.device),
-            "dtype": str(adapter.dtype).removeprefix("torch."), "attn": placement.attn, "repeats": config.repeats,
+            "dtype": dtype, "attn": placement.attn, "repeats": config.repeats, "warmup": config.warmup,
             "decode_tokens": config.decode_tokens, "video_decode_ms": decode_ms, "machine": _machine(),
             "gpu": torch.cuda.get_device_name(placement.device) if placement.is_cuda else None,
             "torch": torch.__version__, "torch_threads": torch.get_num_threads()}

@@ -19,10 +19,14 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TextIO
 
 from streamprune.config import LiveConfig, PublishConfig
-from streamprune.errors import StreampruneError
+from streamprune.config.fields import question_text
+from streamprune.errors import EXIT_USAGE, ConfigError, StreampruneError
+from streamprune.outputs import check_output
 
 log = logging.getLogger("streamprune.live")
 
@@ -39,8 +43,23 @@ def _parse_question(line: str) -> tuple[str, float | None]:
     return text, None
 
 
+def _lines(stdin: TextIO) -> Iterator[tuple[int, str | None]]:
+    """(line number, text) of each stdin line as it arrives; text None for a line that is not
+    UTF-8 (read as bytes, so one bad line is reported and skipped, not a decoding crash)."""
+    lines = getattr(stdin, "buffer", stdin)
+    for number, line in enumerate(lines, 1):
+        if isinstance(line, bytes):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError:
+                line = None
+        yield number, line
+
+
 def run(config: LiveConfig) -> int:
-    """`streamprune live`: answer stdin questions about a stream from bounded memory."""
+    """`streamprune live`: answer stdin questions about a stream from bounded memory. A question
+    that cannot be asked (not UTF-8, too long) and a question that fails each get one error line
+    as they happen; the exit code is then 2 (1 if some failed for another reason)."""
     import torch
 
     from streamprune.runtime.live_runner import LiveRunner
@@ -48,24 +67,35 @@ def run(config: LiveConfig) -> int:
     from streamprune.sources import open_source
 
     torch.set_num_threads(config.threads)
+    if config.stats_json:
+        check_output(config.stats_json, "--stats-json")
     source = open_source(config.source, loop=config.loop, realtime=True)
     if config.no_ray:
         stages = LocalStages(config)
     else:
-        import ray
+        from streamprune.runtime.ray_connect import init_ray
 
-        if not ray.is_initialized():
-            ray.init(address=config.ray_address or "local", include_dashboard=False,
-                     log_to_driver=logging.getLogger().isEnabledFor(logging.INFO))
+        init_ray(config.ray_address, include_dashboard=False,
+                 log_to_driver=logging.getLogger().isEnabledFor(logging.INFO))
         stages = RayStages(config)
     runner = LiveRunner(source, stages, config, config.stats_json).start()
     answers: list[Future] = []
     printing = threading.Lock()
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="live-answer")
+    rejected = 0
     try:
-        for line in sys.stdin:
-            question, at = _parse_question(line)
-            if not question:
+        for number, line in _lines(sys.stdin):
+            try:
+                if line is None:
+                    raise ConfigError(f"stdin line {number} is not valid UTF-8 text")
+                question, at = _parse_question(line)
+                if not question:
+                    continue
+                question = question_text(question, f"the question on stdin line {number}")
+            except ConfigError as err:
+                rejected += 1
+                with printing:
+                    sys.stderr.write(f"streamprune: error: {err}; skipped\n")
                 continue
             future = pool.submit(runner.ask, question, at, 3600.0)
             future.add_done_callback(lambda f, q=question: _print_answer(f, q, printing))
@@ -85,10 +115,9 @@ def run(config: LiveConfig) -> int:
     s = runner.stats
     log.info("frames in %d, processed %d, dropped %d; memory %d tokens", s.frames_in, s.frames_processed,
              s.frames_dropped, s.tokens)
-    errors = [f.exception() for f in answers if f.exception() is not None]
-    for error in errors:
-        if isinstance(error, StreampruneError):
-            raise error
+    errors = [f.exception() for f in answers if f.exception() is not None]  # each reported as it happened
+    if rejected or any(isinstance(e, StreampruneError) for e in errors):
+        return EXIT_USAGE
     return 1 if errors else 0
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from streamprune.config import RobotConfig, ServePolicyConfig
+from streamprune.outputs import output_folder
 from streamprune.pruning.recipe import build_recipe
 from streamprune.runtime.robot import load_policy, policy_image_size, run_episodes
 
@@ -18,9 +18,10 @@ def run(config: RobotConfig) -> int:
     if config.env not in known_env_ids():
         make_env(config.env)  # raises the one-line ConfigError listing known ids
     recipe = build_recipe(config.method, retain=config.retain)
+    video_out = output_folder(config.video_out, "--video-out") if config.video_out else None
     policy = load_policy(config.model, config.placement)
-    result = run_episodes(policy, config.env, recipe, config.episodes, config.seed,
-                          Path(config.video_out) if config.video_out else None, progress=sys.stderr.isatty())
+    result = run_episodes(policy, config.env, recipe, config.episodes, config.seed, video_out,
+                          progress=sys.stderr.isatty())
     if config.json:
         print(json.dumps(result))
     else:
@@ -45,5 +46,6 @@ def run_serve(config: ServePolicyConfig) -> int:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
-    print(f"answered {server.stats.answered}, errors {server.stats.errors}", file=sys.stderr)
+    print(f"answered {server.stats.answered}, errors {server.stats.errors} ({server.stats.malformed} malformed "
+          "requests)", file=sys.stderr)
     return 0

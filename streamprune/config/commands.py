@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from streamprune.config.fields import (CONFIG_DIR, DEFAULT_ENV, max_tokens_option, method_option, model_option, name_list, option,
-                                       policy_option, positive_float, positive_int, retain_list, retain_option,
-                                       retain_ratio, seed_option)
+from streamprune.config.fields import (CONFIG_DIR, DEFAULT_ENV, max_tokens_option, method_option, model_option,
+                                       name_list, non_negative_int, option, policy_option, positive_float,
+                                       positive_int, retain_list, retain_option, retain_ratio, seed_option)
 from streamprune.config.schema import DeviceConfig, MemoryConfig
 from streamprune.errors import ConfigError
 
@@ -262,8 +262,10 @@ class BenchSpeedConfig:
     methods: list[str] = option(("all",), "comma-separated names, or 'all' (default)", parse=name_list)
     retain: list[float] = option((1.0, 0.5, 0.25, 0.1), "comma-separated budgets (default 1,0.5,0.25,0.1)",
                                  parse=retain_list)
-    repeats: int = option(3, "timed repeats per row after one warm-up; the median is kept (default 3)",
+    repeats: int = option(3, "timed repeats per row after the warm-up; the median is kept (default 3)",
                           parse=positive_int)
+    warmup: int = option(1, "untimed runs before the timed ones (default 1; 0 for a smoke test)",
+                         parse=non_negative_int, metavar="N")
     decode_tokens: int = option(16, "greedy tokens decoded per run (default 16)", parse=positive_int, metavar="K")
     placement: DeviceConfig = field(default_factory=DeviceConfig)
     json: str | None = option(None, "write rows and run metadata as JSON", metavar="FILE")

@@ -3,34 +3,83 @@
 from __future__ import annotations
 
 import dataclasses
-import math
+from pathlib import Path
 from dataclasses import field
 from typing import Any, Callable
 
 from streamprune.errors import ConfigError
 
+CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"  # models, methods, pipelines, shapes
 DEFAULT_VIDEO_MODEL = "default"  # configs/models/default.yaml: the embedded Video-LLM
 DEFAULT_VLA_MODEL = "default_vla"  # configs/models/default_vla.yaml: the embedded VLA policy
 DEFAULT_ENV = "streamprune/PickColor-v0"
 
 
+# Counts beyond int32 are never meant and overflow torch and FFmpeg arguments; rates and durations
+# beyond a million (fps, seconds) are typos, and FFmpeg's rationals overflow on them.
+MAX_COUNT = 2**31 - 1
+MAX_AMOUNT = 1e6
+MAX_SEED = 2**32 - 1  # what every seeded library here (torch, numpy, gymnasium) takes
+MAX_QUESTION_CHARS = 4000  # a question, not a document: longer text would only slow the prefill
+
+
+def _number(text: Any, kind: type) -> int | float:
+    """`text` (a flag's text or a YAML value) as `kind`, or ValueError; bools and fractional
+    floats are not integers."""
+    if isinstance(text, bool) or kind is int and isinstance(text, float) and not text.is_integer():
+        raise ValueError(text)
+    try:
+        return kind(text.strip() if isinstance(text, str) else text)
+    except (TypeError, OverflowError) as err:
+        raise ValueError(text) from err
+
+
+def _shown(text: Any) -> str:
+    shown = repr(text) if isinstance(text, str) else str(text)
+    return shown if len(shown) <= 40 else f"{shown[:37]}..."
+
+
 def positive_int(text: Any) -> int:
     try:
-        value = int(text)
-    except (TypeError, ValueError):
-        raise ConfigError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise ConfigError(f"expected a positive integer, got {text}")
-    return value
+        value = _number(text, int)
+    except ValueError:
+        raise ConfigError(f"expected a positive integer, got {_shown(text)}") from None
+    if not 0 < value <= MAX_COUNT:
+        raise ConfigError(f"expected a positive integer up to {MAX_COUNT}, got {_shown(text)}")
+    return int(value)
 
 
 def positive_float(text: Any) -> float:
     try:
-        value = float(text)
-    except (TypeError, ValueError):
-        raise ConfigError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or math.isinf(value):
-        raise ConfigError(f"expected a positive finite number, got {text}")
+        value = _number(text, float)
+    except ValueError:
+        raise ConfigError(f"expected a positive number, got {_shown(text)}") from None
+    if not 0 < value <= MAX_AMOUNT:  # also false for nan
+        raise ConfigError(f"expected a positive number up to {MAX_AMOUNT:.0f}, got {_shown(text)}")
+    return float(value)
+
+
+def seed_value(text: Any) -> int:
+    try:
+        value = _number(text, int)
+    except ValueError:
+        raise ConfigError(f"expected an integer seed, got {_shown(text)}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"expected a seed in [0, {MAX_SEED}], got {_shown(text)}")
+    return int(value)
+
+
+def question_text(text: Any, what: str = "the question") -> str:
+    """A question as the tokenizer can take it: UTF-8 text (argv that was not arrives with lone
+    surrogates), not empty, at most MAX_QUESTION_CHARS long. Stripped."""
+    value = str(text).strip()
+    bad = next((i for i, ch in enumerate(value) if "\ud800" <= ch <= "\udfff"), None)
+    if bad is not None:
+        raise ConfigError(f"{what} is not valid UTF-8 text (at character {bad})")
+    if not value:
+        raise ConfigError(f"{what} is empty")
+    if len(value) > MAX_QUESTION_CHARS:
+        raise ConfigError(f"{what} is {len(value)} characters long; at most {MAX_QUESTION_CHARS}")
     return value
 
 
@@ -95,7 +144,7 @@ def max_tokens_option() -> Any:
 
 
 def seed_option(default: int = 0, help: str = "seed for randomised methods") -> Any:
-    return option(default, f"{help} (default {default})", parse=int)
+    return option(default, f"{help}, in [0, {MAX_SEED}] (default {default})", parse=seed_value, metavar="N")
 
 
 def policy_option() -> Any:
@@ -129,3 +178,10 @@ def attention_name(text: Any) -> str:
     if value not in ATTENTION_BACKENDS:
         raise ConfigError(f"--attn must be one of {', '.join(ATTENTION_BACKENDS)}, got {text!r}")
     return value
+
+
+def non_negative_int(text: Any) -> int:
+    """0 or a positive integer (counts of optional runs, such as warm-ups)."""
+    if str(text).strip() == "0":
+        return 0
+    return positive_int(text)

@@ -30,17 +30,9 @@ FAMILIES = {
 def model_type_of(path: str | Path) -> str:
     """The supported `model_type` of a model directory, or a one-line ModelError saying why not
     (the one check of "is this a model dir", run before any worker or actor starts)."""
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        raise ModelError(f"model path {str(path)!r} does not exist or has no config.json")
-    try:
-        data = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, OSError, UnicodeDecodeError) as err:
-        raise ModelError(f"model config {config_file} is unreadable: {err}") from None
-    model_type = data.get("model_type") if isinstance(data, dict) else None
-    if model_type not in FAMILIES:
-        raise ModelError(f"model type {model_type!r} at {path} is not supported; supported: {', '.join(FAMILIES)}")
-    return model_type
+    from streamprune.models.checks import check_model_dir
+
+    return check_model_dir(path)
 
 
 def resolve_model_dir(spec: str | None) -> tuple[Path, str]:
@@ -94,7 +86,7 @@ def load_adapter(path: str | Path, placement: Placement | str | None = None, fra
         model = getattr(transformers, model_class).from_pretrained(
             model_dir, attn_implementation=placement.attn, dtype=placement.dtype or "auto", local_files_only=True)
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    except (OSError, ValueError, ImportError) as err:
+    except (OSError, ValueError, ImportError, RuntimeError) as err:
         raise ModelError(f"cannot load model from {path}: {str(err).splitlines()[0]}") from None
     model = model.to(placement.device)
     sidecar = read_sidecar(model_dir)

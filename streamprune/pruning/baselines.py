@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+
 import torch
 
 from streamprune.pruning.base import Budget, PruneContext, PruningMethod
+from streamprune.pruning.primitives import true_indices
 from streamprune.pruning.registry import register
 from streamprune.types import Selection, VisualTokens
 
@@ -19,7 +21,7 @@ class KeepAll(PruningMethod):
     summary = "keep every visual token (the unpruned reference)"
 
     def select(self, tokens: VisualTokens, budget: Budget, ctx: PruneContext) -> Selection:
-        return Selection(indices=torch.arange(budget.count(len(tokens))))
+        return Selection(indices=torch.arange(budget.count(len(tokens)), device=tokens.features.device))
 
 
 @register
@@ -37,15 +39,17 @@ class Uniform(PruningMethod):
     def select(self, tokens: VisualTokens, budget: Budget, ctx: PruneContext) -> Selection:
         t, h, w = tokens.grid
         k = budget.count(len(tokens))
-        per_frame = torch.full((t,), k // t, dtype=torch.long)
-        extra = k - int(per_frame.sum())
+        device = tokens.features.device
+        base, extra = divmod(k, t)
+        more = torch.zeros(t, dtype=torch.bool, device=device)
         if extra:
-            per_frame[_evenly(t, extra)] += 1
-        keep = []
-        for frame, k_t in enumerate(per_frame.tolist()):
-            if k_t:
-                keep.append(frame * h * w + _lattice(h, w, k_t))
-        return Selection(indices=torch.sort(torch.cat(keep)).values if keep else torch.zeros(0, dtype=torch.long))
+            more[_evenly(t, extra, device)] = True
+        # every frame keeps k // t or k // t + 1 tokens: one lattice per count, laid on all its frames
+        keep = [torch.zeros(0, dtype=torch.long, device=device)]
+        for frames, k_t in ((true_indices(~more, t - extra), base), (true_indices(more, extra), base + 1)):
+            if k_t and frames.numel():
+                keep.append((frames[:, None] * h * w + _lattice(h, w, k_t, device)).reshape(-1))
+        return Selection(indices=torch.sort(torch.cat(keep)).values)
 
 
 @register
@@ -57,25 +61,29 @@ class RandomSelect(PruningMethod):
 
     def select(self, tokens: VisualTokens, budget: Budget, ctx: PruneContext) -> Selection:
         k = budget.count(len(tokens))
-        perm = torch.randperm(len(tokens), generator=ctx.generator())[:k]
+        # drawn by the seeded CPU generator, so a seed keeps the same tokens on every device
+        generator = ctx.generator()
+        perm = torch.randperm(len(tokens), generator=generator, device=generator.device)[:k]
+        perm = perm.to(tokens.features.device)
         return Selection(indices=torch.sort(perm).values)
 
 
-def _evenly(n: int, k: int) -> torch.Tensor:
+def _evenly(n: int, k: int, device: torch.device) -> torch.Tensor:
     """k distinct indices spread evenly over range(n) (k <= n)."""
-    return torch.floor((torch.arange(k, dtype=torch.float64) + 0.5) * n / k).long().clamp_(max=n - 1)
+    steps = torch.arange(k, dtype=torch.float64, device=device)
+    return torch.floor((steps + 0.5) * n / k).long().clamp_(max=n - 1)
 
 
-def _lattice(h: int, w: int, k: int) -> torch.Tensor:
+def _lattice(h: int, w: int, k: int, device: torch.device) -> torch.Tensor:
     """k flat indices of an h x w grid on a near-square regular lattice."""
     if k >= h * w:
-        return torch.arange(h * w)
+        return torch.arange(h * w, device=device)
     rows = max(1, min(h, round(math.sqrt(k * h / w))))
     cols = max(1, min(w, math.ceil(k / rows)))
     while rows * cols < k:  # grid too thin in one direction
         rows = min(h, rows + 1)
         cols = min(w, math.ceil(k / rows))
-    r = _evenly(h, rows)
-    c = _evenly(w, cols)
+    r = _evenly(h, rows, device)
+    c = _evenly(w, cols, device)
     lattice = (r[:, None] * w + c[None, :]).reshape(-1)
-    return lattice[_evenly(lattice.numel(), k)]
+    return lattice[_evenly(lattice.numel(), k, device)]

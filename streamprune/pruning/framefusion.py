@@ -49,24 +49,23 @@ def merge_static_runs(frames: torch.Tensor, threshold: float, max_merged: int,
     similar ones (ties -> lower index).
     """
     t, p, d = frames.shape
-    merged = torch.zeros(t, p, dtype=torch.bool)
+    device = frames.device
+    merged = torch.zeros(t, p, dtype=torch.bool, device=device)
     if t > 1 and max_merged > 0:
         z = F.normalize(frames.float(), dim=-1)
-        sim = torch.full((t, p), -2.0)
+        sim = torch.full((t, p), -2.0, device=device)
         sim[1:] = (z[1:] * z[:-1]).sum(dim=-1)
-        over = sim.reshape(-1) >= threshold
-        if int(over.sum()) > max_merged:
-            chosen = topk_stable(sim.reshape(-1), max_merged)
-            over = torch.zeros_like(over)
-            over[chosen] = True
-        merged = over.reshape(t, p)
-    # anchor frame of each token: itself unless merged into the run of the previous frame
-    anchor_frame = torch.zeros(t, p, dtype=torch.long)
-    for f in range(1, t):
-        anchor_frame[f] = torch.where(merged[f], anchor_frame[f - 1], torch.full((p,), f))
-    anchor = (anchor_frame * p + torch.arange(p)).reshape(-1)
+        # the most similar max_merged tokens at or over the threshold (all of them if fewer), found
+        # by rank rather than by counting them on the host
+        rank = torch.empty(t * p, dtype=torch.long, device=device)
+        rank[topk_stable(sim.reshape(-1), t * p)] = torch.arange(t * p, device=device)
+        merged = ((sim.reshape(-1) >= threshold) & (rank < max_merged)).reshape(t, p)
+    # anchor frame of each token: the latest frame at or before it that starts its run
+    frame = torch.arange(t, device=device)[:, None].expand(t, p)
+    anchor_frame = torch.cummax(frame.masked_fill(merged, 0), dim=0).values
+    anchor = (anchor_frame * p + torch.arange(p, device=device)).reshape(-1)
     x = frames.reshape(t * p, d) if values is None else values
-    sums = torch.zeros(t * p, x.shape[-1], dtype=torch.float32).index_add_(0, anchor, x.float())
+    sums = torch.zeros(t * p, x.shape[-1], dtype=torch.float32, device=device).index_add_(0, anchor, x.float())
     counts = torch.bincount(anchor, minlength=t * p).clamp(min=1)
     means = (sums / counts[:, None]).to(x.dtype)
     return ~merged.reshape(-1), means

@@ -31,6 +31,9 @@ Differences from the authors' code, all for the runtime's contract:
   position of its static centre in the window's FIRST frame; a contextual token takes its
   centre's position.
 - DPC-kNN ties are broken by index instead of U(0, 1e-6) noise (see `primitives`).
+- Execution, not results: every frame and window is handled in one batched pass on the tokens'
+  device, with two host copies per call (the savings table for the sequential DP, and each
+  window's static count, which sets the budget split).
 
 `holitom_inner` (inside the LLM, at decoder layer K=18): keep the round(n*(1-r_in)) visual tokens
 (r_in=0.5) the LAST prompt token attends to most at layer K-1; every dropped token j is merged
@@ -42,6 +45,7 @@ original positions (the code passes the kept indices as position_ids).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -49,7 +53,14 @@ import torch.nn.functional as F
 
 from streamprune.errors import ConfigError, InputError
 from streamprune.pruning.base import Budget, PruneContext, PruningMethod, sorted_selection
-from streamprune.pruning.primitives import anchor_merge, dpc_knn_cluster, topk_stable
+from streamprune.pruning.primitives import (
+    anchor_merge,
+    dpc_knn_cluster,
+    long_tensors,
+    pack_true,
+    topk_stable,
+    true_indices,
+)
 from streamprune.pruning.registry import register
 from streamprune.types import Selection, VisualTokens
 
@@ -61,17 +72,24 @@ def static_savings(frames_features: torch.Tensor, tau: float) -> torch.Tensor:
 
     frames_features: `[T, N, D]`. Returns `[T, T]` float (zero on and below the diagonal).
     """
-    t = frames_features.shape[0]
-    saved = torch.zeros(t, t)
-    if t < 2:
-        return saved
-    static_step = _consecutive_similarity(frames_features) > tau  # [T-1, N]
-    for a in range(t - 1):
-        # still_static[j, i]: position i static over frames a..a+j+1
-        still_static = torch.cumprod(static_step[a:].to(torch.int64), dim=0)
-        lengths = torch.arange(1, t - a, dtype=torch.float32)
-        saved[a, a + 1 :] = still_static.sum(dim=1).float() * lengths
-    return saved
+    return _savings(_moves(frames_features, tau))
+
+
+def _moves(frames: torch.Tensor, tau: float) -> torch.Tensor:
+    """moves[t, i]: how many of the steps before frame t position i is NOT static across
+    (cos <= tau); i is static over frames a..b exactly when moves[a, i] == moves[b, i]. `[T, N]` long."""
+    moves = torch.zeros(frames.shape[:2], dtype=torch.long, device=frames.device)
+    if frames.shape[0] > 1:
+        torch.cumsum(~(_consecutive_similarity(frames) > tau), dim=0, out=moves[1:])
+    return moves
+
+
+def _savings(moves: torch.Tensor) -> torch.Tensor:
+    """`static_savings` from `_moves`, for all windows at once: `[T, N]` -> `[T, T]` float."""
+    t = moves.shape[0]
+    n_static = (moves[:, None, :] == moves[None, :, :]).sum(dim=-1)  # [a, b]
+    frames = torch.arange(t, device=moves.device)
+    return (n_static.float() * (frames[None, :] - frames[:, None]).float()).triu(1)
 
 
 def holitom_segments(frames_features: torch.Tensor, tau: float, max_window: int) -> list[tuple[int, int]]:
@@ -86,15 +104,21 @@ def holitom_segments(frames_features: torch.Tensor, tau: float, max_window: int)
         raise InputError(f"holitom_segments needs [T, N, D] features, got shape {tuple(frames_features.shape)}")
     if max_window < 1:
         raise ConfigError(f"max_window must be >= 1, got {max_window}")
-    t = frames_features.shape[0]
-    saved = static_savings(frames_features, tau)
+    return _best_windows(static_savings(frames_features, tau), max_window)
+
+
+def _best_windows(saved: torch.Tensor, max_window: int) -> list[tuple[int, int]]:
+    """The DP of `holitom_segments` on the `[T, T]` savings. It is sequential in frames, so it runs
+    on the host after one copy of the table."""
+    table = saved.tolist()
+    t = len(table)
     best = [0.0] * t
     start_of = [0] * t
     for b in range(t):
         value, start = (best[b - 1] if b > 0 else 0.0), b  # frame b alone
         for w in range(2, min(b + 1, max_window) + 1):
             a = b - w + 1
-            candidate = (best[a - 1] if a > 0 else 0.0) + float(saved[a, b])
+            candidate = (best[a - 1] if a > 0 else 0.0) + table[a][b]
             if candidate > value:  # strict: ties keep the shorter window, as the code does
                 value, start = candidate, a
         best[b], start_of[b] = value, start
@@ -134,65 +158,97 @@ class HoliTom(PruningMethod):
         cfg = self.config
         t, h, w = tokens.grid
         hw = h * w
+        device = tokens.features.device
         k = budget.count(len(tokens))
         frames = tokens.frames()  # [T, HW, D]
         attn = tokens.signals["vit_attention"].float().reshape(t, hw)
-        segments = holitom_segments(frames, cfg.tau, cfg.max_window)
-        sims = _consecutive_similarity(frames) if t > 1 else None
+        moves = _moves(frames, cfg.tau)
+        segments = _best_windows(_savings(moves), cfg.max_window)
+        first, last = long_tensors(device, [a for a, _ in segments], [b for _, b in segments])
+        static = (moves[first] == moves[last]) & (last > first)[:, None]  # [windows, HW]
+        n_static = static.sum(dim=1).tolist()  # the second host copy: group sizes split the budget
 
-        # groups: (anchor indices [n], features [n, D], attention [n] or None for static groups)
-        groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
-        for start, end in segments:
-            static = torch.zeros(hw, dtype=torch.bool)
-            if end > start:
-                static = (sims[start:end] > cfg.tau).all(dim=0)
-            positions = torch.arange(hw)
-            if static.any():
-                groups.append((start * hw + positions[static], frames[start : end + 1, static].mean(dim=0), None))
-            for f in range(start, end + 1):
-                groups.append((f * hw + positions[~static], frames[f, ~static], attn[f, ~static]))
-
-        sizes = torch.tensor([g[0].numel() for g in groups])
+        # groups in the code's order: a window's static group (if any), then each frame's dynamic group
+        sizes, window_of = [], []
+        for i, ((a, b), ns) in enumerate(zip(segments, n_static)):
+            sizes += ([ns] if ns else []) + [hw - ns] * (b - a + 1)
+            window_of += [i] * (b - a + 1)
         quotas = _apportion(sizes, k)
-        logger.debug(
-            "holitom: %d windows, %d tokens after static averaging, keep %d",
-            len(segments), int(sizes.sum()), int(quotas.sum()),
-        )
-        keep, feats = [], []
-        for (anchors, x, a), q in zip(groups, quotas.tolist()):
-            if q == 0:
-                continue
-            if a is None:
-                local, merged = self._density_merge(x, q)
-            else:
-                local, merged = self._attention_density_merge(x, a, q)
-            keep.append(anchors[local])
-            feats.append(merged)
-        if not keep:
-            return Selection(indices=torch.zeros(0, dtype=torch.long), features=tokens.features[:0])
-        return sorted_selection(torch.cat(keep), torch.cat(feats).to(tokens.features.dtype))
+        logger.debug("holitom: %d windows, %d tokens after static averaging, keep %d",
+                     len(segments), sum(sizes), sum(quotas))
+        static_quota, frame_quota = [], []
+        quota = iter(quotas)
+        for (a, b), ns in zip(segments, n_static):
+            static_quota.append(next(quota) if ns else 0)
+            frame_quota += [next(quota) for _ in range(a, b + 1)]
 
-    def _density_merge(self, x: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """q DPC-kNN centres of `[n, D]` x, each beta-merged with its members -> (local idx [q], feats [q, D])."""
-        centers, assignment = dpc_knn_cluster(x, q, k=min(self.config.knn, q))
-        is_member = torch.ones(x.shape[0], dtype=torch.bool)
-        is_member[centers] = False
-        merged = anchor_merge(x[centers], x[is_member], assignment[is_member], self.config.beta, adaptive=False)
-        return centers, merged
+        n_dynamic = [hw - n_static[i] for i in window_of]
+        keep, feats = self._dynamic_tokens(frames, attn, static, window_of, n_dynamic, frame_quota)
+        if any(static_quota):
+            centres, merged = self._static_tokens(frames, static, segments, window_of, n_static, static_quota)
+            keep, feats = torch.cat([keep, centres]), torch.cat([feats, merged])
+        return sorted_selection(keep, feats.to(tokens.features.dtype))
 
-    def _attention_density_merge(
-        self, x: torch.Tensor, attn: torch.Tensor, q: int
+    def _dynamic_tokens(
+        self, frames: torch.Tensor, attn: torch.Tensor, static: torch.Tensor, window_of: list[int],
+        n_dynamic: list[int], quota: list[int],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dominant tokens by attention, the rest of the quota as DPC-kNN contextual merges."""
-        n_dominant = round(q * (1.0 - self.config.d))
-        dominant = topk_stable(attn, n_dominant)
-        if n_dominant == q:
-            return dominant, x[dominant]
-        rest = torch.ones(x.shape[0], dtype=torch.bool)
-        rest[dominant] = False
-        rest_idx = torch.nonzero(rest).squeeze(1)
-        centers, merged = self._density_merge(x[rest_idx], q - n_dominant)
-        return torch.cat([dominant, rest_idx[centers]]), torch.cat([x[dominant], merged])
+        """Every frame's dynamic tokens at once: the top round(q*(1-D)) by attention ("dominant"),
+        and the rest of its quota q as DPC-kNN centres merged with its other dynamic tokens.
+        static: `[W, HW]` bool per window. Returns (flat indices, features)."""
+        t, hw, d = frames.shape
+        n_dominant = [round(q * (1.0 - self.config.d)) for q in quota]
+        chosen = [f for f in range(t) if quota[f] > n_dominant[f]]  # frames with contextual tokens
+        m_rest = [n_dynamic[f] - n_dominant[f] for f in chosen]
+        window, limit, rows, rest_count, n_centres = long_tensors(
+            frames.device, window_of, n_dominant, chosen, m_rest, [quota[f] - n_dominant[f] for f in chosen])
+        static = static[window]  # [T, HW]
+        ranks = torch.arange(hw, device=frames.device)
+        by_attention = topk_stable(attn.masked_fill(static, -math.inf), hw)  # static positions last
+        dominant = torch.zeros_like(static).scatter_(1, by_attention, ranks < limit[:, None])
+        keep = true_indices(dominant, sum(n_dominant))
+        flat = frames.reshape(t * hw, d)
+        if not chosen:
+            return keep, flat[keep]
+        # contextual: each chosen frame's other dynamic tokens, in index order, padded to the longest
+        order, is_point = pack_true(~static[rows] & ~dominant[rows], rest_count, max(m_rest))
+        centres, merged = self._density_merge(frames[rows[:, None], order], rows[:, None] * hw + order, is_point,
+                                              n_centres, sum(quota) - sum(n_dominant))
+        return torch.cat([keep, centres]), torch.cat([flat[keep], merged])
+
+    def _static_tokens(
+        self, frames: torch.Tensor, static: torch.Tensor, segments: list[tuple[int, int]], window_of: list[int],
+        n_static: list[int], quota: list[int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every window's static positions averaged over its frames, then DPC-kNN merged down to its
+        quota; the tokens sit in the window's first frame. static: `[W, HW]` bool."""
+        hw = frames.shape[1]
+        windows = [i for i, q in enumerate(quota) if q]
+        window, rows, first, length, count, n_centres = long_tensors(
+            frames.device, window_of, windows, [segments[i][0] for i in windows],
+            [segments[i][1] - segments[i][0] + 1 for i in windows], [n_static[i] for i in windows],
+            [quota[i] for i in windows])
+        sums = frames.new_zeros((len(quota),) + frames.shape[1:], dtype=torch.float32)
+        sums.index_add_(0, window, frames.float())
+        order, is_point = pack_true(static[rows], count, max(n_static[i] for i in windows))
+        means = (sums[rows[:, None], order] / length[:, None, None]).to(frames.dtype)
+        return self._density_merge(means, first[:, None] * hw + order, is_point, n_centres, sum(quota))
+
+    def _density_merge(
+        self, x: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, n_centres: torch.Tensor, total: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """n_centres[g] DPC-kNN centres of each padded group of `[G, M, D]` x (`total` in all), each
+        beta-merged with the group's other points. positions: `[G, M]` flat token index of each point.
+        Returns (positions of the centres `[total]`, merged features `[total, D]`)."""
+        g, m, d = x.shape
+        centres, assignment = dpc_knn_cluster(x, n_centres, n_centres.clamp(max=self.config.knn), valid)
+        is_centre_rank = torch.arange(m, device=x.device) < n_centres[:, None]
+        is_centre = torch.zeros_like(valid).scatter_(1, centres, is_centre_rank)
+        members = torch.where(valid & ~is_centre, assignment, m)  # m: not merged
+        anchors = x.gather(1, centres[..., None].expand(g, m, d))
+        merged = anchor_merge(anchors, x, members, self.config.beta, adaptive=False)
+        keep = true_indices(is_centre_rank, total)
+        return positions.gather(1, centres).reshape(-1)[keep], merged.reshape(g * m, d)[keep]
 
 
 @register
@@ -220,12 +276,11 @@ class HoliTomInner(PruningMethod):
         n = len(tokens)
         k = min(budget.count(n), max(1, round(n * (1.0 - self.config.r_in)))) if n else 0
         keep = topk_stable(tokens.signals["llm_attention_last"].float().reshape(-1), k)
-        dropped = torch.ones(n, dtype=torch.bool)
-        dropped[keep] = False
-        dropped_idx = torch.nonzero(dropped).squeeze(1)
-        x = tokens.features
-        if dropped_idx.numel() == 0 or k == 0:
+        if k == n or k == 0:
             return sorted_selection(keep)
+        dropped = torch.ones(n, dtype=torch.bool, device=keep.device).index_fill_(0, keep, False)
+        dropped_idx = true_indices(dropped, n - k)
+        x = tokens.features
         sim = F.normalize(x[dropped_idx].float(), dim=-1) @ F.normalize(x[keep].float(), dim=-1).T
         target = sim.argmax(dim=1)  # [n_dropped] position in `keep`
         merged = sequential_pair_average(x[keep], x[dropped_idx], target)
@@ -245,7 +300,7 @@ def sequential_pair_average(anchors: torch.Tensor, members: torch.Tensor, target
     order = torch.sort(target, stable=True).indices
     group_start = torch.cumsum(counts, 0) - counts
     rank = torch.empty_like(target)
-    rank[order] = torch.arange(target.numel()) - group_start[target[order]] + 1
+    rank[order] = torch.arange(target.numel(), device=target.device) - group_start[target[order]] + 1
     c = counts[target]
     member_w = torch.pow(2.0, -(c - rank + 1).double())
     out = anchors.double() * torch.pow(2.0, -counts.double())[:, None]
@@ -259,15 +314,15 @@ def _consecutive_similarity(frames: torch.Tensor) -> torch.Tensor:
     return (z[:-1] * z[1:]).sum(dim=-1)
 
 
-def _apportion(sizes: torch.Tensor, k: int) -> torch.Tensor:
-    """Split k over groups in proportion to `[G]` sizes (largest remainder), each quota <= its size."""
-    total = int(sizes.sum())
+def _apportion(sizes: list[int], k: int) -> list[int]:
+    """Split k over groups in proportion to their sizes (largest remainder, ties -> earlier group),
+    each quota <= its size; plain ints, as this is host bookkeeping."""
+    total = sum(sizes)
     if k >= total:
-        return sizes.clone()
-    exact = sizes.double() * k / total
-    quotas = torch.floor(exact).long()
-    short = k - int(quotas.sum())
-    if short:
-        remainder = (exact - quotas.double()).masked_fill(quotas >= sizes, -1.0)
-        quotas[topk_stable(remainder, short)] += 1
+        return list(sizes)
+    exact = [size * k / total for size in sizes]
+    quotas = [math.floor(e) for e in exact]
+    remainder = [-1.0 if q >= size else e - q for e, q, size in zip(exact, quotas, sizes)]
+    for g in sorted(range(len(sizes)), key=lambda g: -remainder[g])[: k - sum(quotas)]:
+        quotas[g] += 1
     return quotas

@@ -8,17 +8,20 @@ original tokens, so positions stay the originals however many stages run.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from streamprune.config import MethodConfig, method_config
+from streamprune.config import MethodConfig, from_dict, method_config, recipe_file
+from streamprune.encode.cacher import CacherConfig
 from streamprune.errors import ConfigError
 from streamprune.pruning.base import Budget, PruneContext, PruningMethod
 from streamprune.pruning.registry import available, make_method
 from streamprune.types import Selection, VisualTokens
 
-# Stages that act in the vision encoder rather than on tokens (configured, not registered).
-ENCODER_STAGES = {"stc_cacher"}
+# Stages that act in the vision encoder rather than on tokens (configured, not registered): their options.
+ENCODER_STAGES = {"stc_cacher": CacherConfig}
 
 
 @dataclass
@@ -42,7 +45,7 @@ class PruningRecipe:
         ctx = ctx or PruneContext()
         limit = Budget(max_tokens=max(1, self.budget.count(len(tokens))))
         if not self.pre_llm or self.inner_llm is not None and not self._pre_llm_prunes():
-            return Selection(indices=torch.arange(len(tokens)))
+            return Selection(indices=torch.arange(len(tokens), device=tokens.features.device))
         selection = None
         current = tokens
         for method in self.pre_llm:
@@ -94,15 +97,19 @@ def build_recipe(name: str, retain: float | None = None, max_tokens: int | None 
     cfg: MethodConfig = method_config(name)
     budget = Budget(retain=retain if retain is not None else (cfg.retain if max_tokens is None else None),
                     max_tokens=max_tokens if max_tokens is not None else cfg.max_tokens)
-    recipe = PruningRecipe(name=name, budget=budget)
+    recipe = PruningRecipe(name=Path(name).stem if name.endswith((".yaml", ".yml")) else name, budget=budget)
     registered = available()
-    for stage in cfg.stages:
+    source = str(recipe_file(name) or f"method {name!r}")
+    for i, stage in enumerate(cfg.stages):
         if stage.method in ENCODER_STAGES:
-            recipe.encoder_options[stage.method] = dict(stage.options)
+            recipe.encoder_options[stage.method] = checked_options(ENCODER_STAGES[stage.method], stage.options,
+                                                                   source, f"stages[{i}].options")
             continue
         if stage.method not in registered:
-            raise ConfigError(f"method file {name!r} names unknown stage {stage.method!r}")
-        method = make_method(stage.method, **stage.options)
+            raise ConfigError(f"{source} names unknown stage {stage.method!r}; choose one of: "
+                              f"{', '.join([*registered, *ENCODER_STAGES])}")
+        options = checked_options(registered[stage.method].Config, stage.options, source, f"stages[{i}].options")
+        method = make_method(stage.method, **options)
         if method.stage == "inner_llm":
             if recipe.inner_llm is not None:
                 raise ConfigError(f"recipe {name!r} has more than one inner-LLM stage")
@@ -110,3 +117,11 @@ def build_recipe(name: str, retain: float | None = None, max_tokens: int | None 
         else:
             recipe.pre_llm.append(method)
     return recipe
+
+
+def checked_options(config_cls: type, options: dict[str, Any], source: str, where: str) -> dict[str, Any]:
+    """A stage's options checked against its Config dataclass (names, types, the dataclass's own
+    range checks) by the same loader as every YAML file, so a bad option is one line naming the
+    recipe file and the option."""
+    checked = from_dict(config_cls, options, source, where)
+    return {key: getattr(checked, key) for key in options}

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from streamprune.errors import ConfigError, InputError
 from streamprune.pruning.base import Budget, PruneContext, PruningMethod
-from streamprune.pruning.primitives import gaussian_similarity, spread_budget, topk_stable
+from streamprune.pruning.primitives import gaussian_similarity, spread_budget, topk_stable, true_indices
 from streamprune.pruning.registry import register
 from streamprune.types import Selection, VisualTokens
 
@@ -70,9 +70,12 @@ class STCPruner(PruningMethod):
         mu_s = z.mean(dim=1, keepdim=True)  # [T, 1, D'] (not re-normalised, as in the code)
         score = gaussian_similarity(z, mu_t) + gaussian_similarity(z, mu_s)  # [T, N]
 
-        per_frame = spread_budget(budget.count(t * n), t)
-        keep = [f * n + topk_stable(score[f], int(k), largest=False) for f, k in enumerate(per_frame.tolist())]
-        return Selection(indices=torch.sort(torch.cat(keep)).values)
+        # all frames at once: frame f keeps the first k_f of its tokens ranked by ascending score
+        per_frame = spread_budget(budget.count(t * n), t, device=x.device)
+        ranked = topk_stable(score, n, largest=False)
+        keep = torch.zeros(t, n, dtype=torch.bool, device=x.device)
+        keep.scatter_(1, ranked, torch.arange(n, device=x.device) < per_frame[:, None])
+        return Selection(indices=true_indices(keep, budget.count(t * n)))
 
     @staticmethod
     def _update_memory(ctx: PruneContext, chunk_mean: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch
 
 from streamprune.errors import ConfigError
 from streamprune.pruning.base import Budget, PruneContext, PruningMethod, sorted_selection
-from streamprune.pruning.primitives import assign_to_anchors, topk_stable
+from streamprune.pruning.primitives import assign_to_anchors, topk_stable, true_indices
 from streamprune.pruning.registry import register
 from streamprune.types import Selection, VisualTokens
 
@@ -54,13 +54,15 @@ def visionzip_frame(
     dominant = topk_stable(attn, n_dominant)
     if n_context == 0:
         return dominant, x[dominant]
-    rest = torch.ones(x.shape[0], dtype=torch.bool)
-    rest[dominant] = False
-    rest_idx = torch.nonzero(rest).squeeze(1)
-    step = max(1, rest_idx.numel() // n_context)
-    is_target = torch.zeros(rest_idx.numel(), dtype=torch.bool)
-    is_target[torch.arange(0, rest_idx.numel(), step)[:n_context]] = True
-    targets, others = rest_idx[is_target], rest_idx[~is_target]
+    # the counts are known, so positions come without nonzero's host copy
+    n_rest = x.shape[0] - n_dominant
+    rest = torch.ones(x.shape[0], dtype=torch.bool, device=x.device).index_fill_(0, dominant, False)
+    rest_idx = true_indices(rest, n_rest)
+    step = max(1, n_rest // n_context)
+    targets = rest_idx[::step][:n_context]
+    is_other = torch.ones(n_rest, dtype=torch.bool, device=x.device)
+    is_other[::step][:n_context] = False
+    others = rest_idx[true_indices(is_other, n_rest - targets.numel())]
     contextual = x[targets].float()
     if others.numel():
         assignment = assign_to_anchors(x[others], x[targets])

@@ -55,7 +55,7 @@ def push_action_attention(ctx: PruneContext, attention: torch.Tensor, window: in
     A vector whose length differs from the stored ones (the visual token count changed) starts
     a new history.
     """
-    vec = attention.detach().float().reshape(-1).cpu()
+    vec = attention.detach().float().reshape(-1)  # kept on its device: no host copy per step
     history: list[torch.Tensor] = ctx.state.setdefault(HISTORY_KEY, [])
     if history and history[-1].numel() != vec.numel():
         logger.warning(
@@ -79,10 +79,10 @@ def smoothed_action_attention(
     if len(history) < window:
         return None
     recent = torch.stack(history[-window:][::-1])  # most recent first
-    weights = gamma ** torch.arange(window, dtype=torch.float32)
+    weights = gamma ** torch.arange(window, dtype=torch.float32, device=recent.device)
     smoothed = (weights[:, None] * recent).sum(dim=0)
     total = smoothed.sum()
-    return smoothed / total if total > 0 else smoothed
+    return torch.where(total > 0, smoothed / total, smoothed)  # on the device, no host check
 
 
 @register
@@ -135,6 +135,7 @@ class VLAPruner(PruningMethod):
         if action is None:
             logger.debug("vla_pruner: warm-up (history < %d steps), semantic top-k only", self.config.window)
             return sorted_selection(topk_stable(semantic, k))
+        action = action.to(semantic.device)
         candidates = torch.unique(torch.cat([topk_stable(semantic, k), topk_stable(action, k)]))  # ascending
         if candidates.numel() > k:
             embeds = tokens.signals["input_embeds"][candidates]

@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from streamprune.errors import ConfigError, ModelError
+from streamprune.errors import ModelError
 from streamprune.runtime.batch_inputs import Plan, SegmentMeta, decode_segment, first_line, plan_input
 from streamprune.runtime.batch_job import BatchJob, ModelWorker, RunState
 
@@ -234,22 +234,12 @@ class RayExecutor:
 
 
 def _connect_ray(job: BatchJob) -> bool:
-    """Connect to `job.ray_address` or start a local instance; True if this call started Ray
-    (and so should shut it down). An instance already initialised in this process is reused."""
-    import ray
+    """Connect to `job.ray_address` (probed first, so a dead address fails within seconds) or
+    start a local instance; True if this call started Ray (and so should shut it down)."""
+    from streamprune.runtime.ray_connect import init_ray
 
-    if ray.is_initialized():
-        log.info("using the Ray instance already initialised in this process")
-        return False
     quiet = not log.isEnabledFor(logging.INFO)
-    try:
-        if job.ray_address:
-            ray.init(address=job.ray_address, log_to_driver=not quiet)
-        else:
-            # "local": a fresh instance even when another Ray cluster runs on this machine
-            ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=not quiet)
-    except (ConnectionError, ValueError, RuntimeError) as err:
-        raise ConfigError(f"cannot start or reach Ray at {job.ray_address or 'a new local instance'}: "
-                          f"{first_line(err)}") from None
-    return True
-
+    if job.ray_address:
+        return init_ray(job.ray_address, log_to_driver=not quiet)
+    # "local": a fresh instance even when another Ray cluster runs on this machine
+    return init_ray(None, num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=not quiet)

@@ -1,10 +1,11 @@
 """The batch job's results file: JSON lines, one object per input, each with at least `input`.
 
-Lines are appended as inputs finish, each as one `write` of the whole line followed by fsync, so a
-crash leaves at most a partial last line. Reading skips such a line (and anything else that is not
+Lines are appended as inputs finish, each as one `write` of the whole line followed by fsync
+(`streamprune.outputs.append_line`), so a crash or a full disk leaves at most a partial last line
+and every line before it. Reading skips such a line (and anything else that is not
 a JSON object with an `input`); when an input has several lines, the last one wins
-(`latest_records`). Compaction rewrites the file atomically (sibling file, fsync, rename), so the
-file is never seen half-rewritten. Only the driver process writes it; what to keep on resume is
+(`latest_records`). Compaction rewrites the file atomically (`streamprune.outputs.output_file`:
+sibling file, fsync, rename), so the file is never seen half-rewritten. Only the driver process writes it; what to keep on resume is
 decided by `batch_job`.
 """
 
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from streamprune.errors import ConfigError
+from streamprune.outputs import append_line, check_output, open_append, output_file
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +33,7 @@ class ResultsFile:
 
     def check_writable(self) -> None:
         """A usage error now, before any work, rather than after the first input is answered."""
-        if self.path.is_dir():
-            raise ConfigError(f"output {self.path} is a folder; give a file path such as results.jsonl")
-        if not self.path.parent.is_dir():
-            raise ConfigError(f"output folder {self.path.parent} does not exist")
-        try:
-            os.close(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
-        except OSError as err:
-            raise ConfigError(f"output {self.path} is not writable: {err.strerror or err}") from None
+        check_output(self.path, "--output")
 
     def read(self) -> list[dict[str, Any]]:
         """Records in file order; other lines (a partial last line, blank lines, anything that is not
@@ -65,27 +59,14 @@ class ResultsFile:
     def rewrite(self, records: Sequence[dict[str, Any]]) -> None:
         """Replace the file's content atomically (write a sibling, fsync, rename)."""
         self.close()
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
+        with output_file(self.path, "--output") as tmp, open(tmp, "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in records)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
     def append(self, record: dict[str, Any]) -> None:
         """Add one line, on disk when this returns."""
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        data = (json.dumps(record) + "\n").encode()
-        written = os.write(self._fd, data)
-        while written < len(data):  # regular files take a whole write; loop in case one is short
-            written += os.write(self._fd, data[written:])
-        os.fsync(self._fd)
+            self._fd = open_append(self.path, "--output")
+        append_line(self._fd, json.dumps(record) + "\n", self.path, "--output")
 
     def close(self) -> None:
         if self._fd is not None:

@@ -77,10 +77,11 @@ def run_episodes(policy: VLAPolicy, env_id: str, recipe: PruningRecipe, episodes
         lengths.append(steps)
         bar.set_postfix(success=f"{sum(successes)}/{len(successes)}")
         if video_out is not None:
+            from streamprune.outputs import output_file
             from streamprune.videofile import write_video
 
-            video_out.mkdir(parents=True, exist_ok=True)
-            write_video(video_out / f"{recipe.name}_ep{episode:03d}.mp4", np.stack(frames), 10.0, "h264")
+            with output_file(video_out / f"{recipe.name}_ep{episode:03d}.mp4", "--video-out") as tmp:
+                write_video(tmp, np.stack(frames), 10.0, "h264")
     env.close()
     return {
         "method": recipe.name, "retain": recipe.budget.retain, "episodes": episodes,

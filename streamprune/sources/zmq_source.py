@@ -1,7 +1,8 @@
 """Frames from a zmq publisher (`zmq://HOST:PORT`), e.g. one started by `run_publisher`.
 
-Every message goes through `wire.decode` with a uint8-only allow list and must hold an RGB frame
-`[H, W, 3]`; anything else is dropped and counted as malformed, and the stream goes on.
+Every message goes through `decode_frame` (`wire.decode` with a uint8-only allow list, then an RGB
+frame `[H, W, 3]` of at least one pixel, a sane `seq` and `ts`); anything else is dropped and
+counted as malformed (`ZmqSource.accept`), and the stream goes on. Fuzzed by tests/test_wire_fuzz.py.
 
 When the connection drops (the publisher stopped, or sent a part beyond the MAXMSGSIZE guard,
 after which zmq would never reconnect on its own) the socket is replaced after an exponential
@@ -26,12 +27,17 @@ from streamprune.types import Frame
 log = logging.getLogger(__name__)
 
 _FRAME_DTYPES = frozenset({"uint8"})
+MAX_SEQ = 2**63 - 1
+MAX_TS = 1e12  # seconds; beyond it the re-stamping arithmetic would lose the frame interval
 
 
-def _frame_from(parts: list[zmq.Frame], max_bytes: int) -> tuple[dict, np.ndarray]:
+def decode_frame(parts: list[zmq.Frame] | list[bytes], max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[dict, np.ndarray]:
+    """(header, image `[H, W, 3]` uint8, read-only) of a frame message, or WireError."""
     header, image = decode(parts, max_bytes=max_bytes, allowed_dtypes=_FRAME_DTYPES)
-    if header["kind"] != "frame" or image.ndim != 3 or image.shape[2] != 3:
-        raise WireError(f"expected an RGB frame [H, W, 3], got kind {header['kind']!r} shape {list(image.shape)}")
+    if header["kind"] != "frame" or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
+        raise WireError(f"expected an RGB frame [H, W, 3], got kind {header['kind']!r} shape {list(image.shape)[:8]}")
+    if not 0 <= header["seq"] <= MAX_SEQ or abs(header["ts"]) > MAX_TS:
+        raise WireError("seq or ts out of range")
     return header, image
 
 
@@ -81,6 +87,15 @@ class ZmqSource(FrameSource):
         monitor.close(linger=0)
         sock.close(linger=0)
 
+    def accept(self, parts: list[zmq.Frame] | list[bytes]) -> tuple[dict, np.ndarray] | None:
+        """A received message as (header, frame), or None once it is counted as malformed."""
+        try:
+            return decode_frame(parts, self.max_bytes)
+        except WireError as e:
+            self.stats.malformed += 1
+            log.debug("dropped a malformed message from %s: %s", self.endpoint, e)
+            return None
+
     def _receive(self, sock: zmq.Socket) -> tuple[dict, np.ndarray] | None:
         """Read what is queued: the first valid frame, or the newest one if `latest_only`."""
         newest = None
@@ -89,12 +104,10 @@ class ZmqSource(FrameSource):
                 parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return newest
-            try:
-                newest = _frame_from(parts, self.max_bytes)
-            except WireError as e:
-                self.stats.malformed += 1
-                log.debug("dropped a malformed message from %s: %s", self.endpoint, e)
+            frame = self.accept(parts)
+            if frame is None:
                 continue
+            newest = frame
             if not self.latest_only:
                 return newest
 

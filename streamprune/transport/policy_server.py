@@ -3,7 +3,8 @@
 A ROUTER socket so any number of robot clients (DEALER sockets) can talk to one server; each
 client's episode state (VLA-Pruner's action history) is kept per client identity and reset when
 the client starts a new episode. A bad request (malformed message, wrong image shape or dtype, no
-instruction) gets an `error` reply and the server keeps serving.
+instruction) is counted in `stats.malformed` and gets an `error` reply; nothing a peer sends can
+raise out of the serving loop (`decode_request` is the one check, fuzzed by tests/test_wire_fuzz.py).
 
 Request:  kind "obs",    buffer = image [H, W, 3] uint8, fields instruction (str), episode (int).
 Reply:    kind "action", buffer = actions [k, A] float32 (k > 1 is an action chunk), fields
@@ -30,14 +31,68 @@ from streamprune.transport.zmq_frames import is_loopback
 log = logging.getLogger(__name__)
 
 MAX_OBS_BYTES = 16 * 1024 * 1024
+MAX_INSTRUCTION_CHARS = 4000
+MAX_SEQ = 2**63 - 1  # the reply echoes seq, and msgpack packs 64-bit integers only
+MAX_ERROR_CHARS = 500  # an error reply stays far below the header limit
 
 
 @dataclass
 class ServerStats:
+    """requests: messages received.  answered: actions sent.  errors: error replies sent.
+    malformed: requests that were not a valid observation (each also got an error reply)."""
+
     requests: int = 0
     answered: int = 0
     errors: int = 0
+    malformed: int = 0
     latencies_ms: list[float] = field(default_factory=list)
+
+
+class BadRequest(wire.WireError):
+    """A request that is not a valid observation; `seq` is the request's when its header was readable."""
+
+    def __init__(self, message: str, seq: int = 0) -> None:
+        super().__init__(message)
+        self.seq = seq
+
+
+@dataclass(frozen=True)
+class Request:
+    """A valid observation: image `[H, W, 3]` uint8 (read-only), instruction, episode number."""
+
+    seq: int
+    image: np.ndarray
+    instruction: str
+    episode: int
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_SEQ
+
+
+def decode_request(parts: list[bytes], image_shape: tuple[int, ...]) -> Request:
+    """The observation in a received message, or BadRequest saying what is wrong with it."""
+    try:
+        header, image = wire.decode(parts, max_bytes=MAX_OBS_BYTES)
+    except wire.WireError as err:
+        raise BadRequest(str(err)) from None
+    if not _integer(header["seq"]):
+        raise BadRequest(f"seq must be an integer in [0, {MAX_SEQ}]")
+    seq = header["seq"]
+    if header["kind"] != "obs":
+        raise BadRequest(f"expected an 'obs' message, got {header['kind']!r}", seq)
+    if image.dtype != np.uint8 or image.shape != tuple(image_shape):
+        raise BadRequest(f"observation image must be uint8 {list(image_shape)}, got {image.dtype} "
+                         f"{list(image.shape)[:8]}", seq)
+    instruction = header.get("instruction")
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise BadRequest("observation lacks an 'instruction' string", seq)
+    if len(instruction) > MAX_INSTRUCTION_CHARS:
+        raise BadRequest(f"instruction is longer than {MAX_INSTRUCTION_CHARS} characters", seq)
+    episode = header.get("episode", 0)
+    if not _integer(episode):
+        raise BadRequest(f"episode must be an integer in [0, {MAX_SEQ}]", seq)
+    return Request(seq=seq, image=image, instruction=instruction, episode=episode)
 
 
 class PolicyServer:
@@ -53,7 +108,11 @@ class PolicyServer:
         self.context = zmq.Context.instance()
         self.socket = self.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.bind(bind)
+        try:
+            self.socket.bind(bind)
+        except zmq.ZMQError as err:
+            self.socket.close()
+            raise ConfigError(f"cannot bind {bind!r}: {err}") from None
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._episodes: dict[bytes, tuple[int, PruneContext]] = {}
 
@@ -72,31 +131,28 @@ class PolicyServer:
             self.socket.close(linger=0)
 
     def handle(self, identity: bytes, parts: list[bytes]) -> list[bytes]:
-        seq = 0
+        """The reply to one request: an action, or an error for a malformed request or a failed step."""
         try:
-            header, image = wire.decode(parts, max_bytes=MAX_OBS_BYTES)
-            seq = header["seq"]
-            self._check(header, image)
-            ctx = self._context(identity, header.get("episode", 0))
-            step = self.policy.act(np.asarray(image), header["instruction"], self.recipe, ctx)
-        except (wire.WireError, ValueError) as err:
-            self.stats.errors += 1
-            log.warning("bad request from %s: %s", identity.hex(), err)
-            return wire.encode(None, kind="error", seq=seq, error=str(err))
+            request = decode_request(parts, self.image_shape)
+        except BadRequest as err:
+            self.stats.malformed += 1
+            log.warning("bad request from %s: %s", identity.hex()[:32], err)
+            return self._error(err.seq, str(err))
+        try:
+            ctx = self._context(identity, request.episode)
+            step = self.policy.act(np.asarray(request.image), request.instruction, self.recipe, ctx)
+        except Exception as err:  # noqa: BLE001 - a failed step is this client's error reply, never the server's end
+            log.exception("the policy failed on a request from %s", identity.hex()[:32])
+            return self._error(request.seq, f"policy failed: {type(err).__name__}: {err}")
         self.stats.answered += 1
         self.stats.latencies_ms.append(step.latency_ms)
-        return wire.encode(step.action[None].astype(np.float32), kind="action", seq=seq,
+        return wire.encode(step.action[None].astype(np.float32), kind="action", seq=request.seq,
                            latency_ms=step.latency_ms, visual_tokens_kept=step.visual_tokens_kept,
                            visual_tokens_in=step.visual_tokens_in)
 
-    def _check(self, header: dict, image: np.ndarray) -> None:
-        if header["kind"] != "obs":
-            raise ValueError(f"expected an 'obs' message, got {header['kind']!r}")
-        if image.dtype != np.uint8 or image.shape != self.image_shape:
-            raise ValueError(f"observation image must be uint8 {list(self.image_shape)}, "
-                             f"got {image.dtype} {list(image.shape)}")
-        if not isinstance(header.get("instruction"), str) or not header["instruction"].strip():
-            raise ValueError("observation lacks an 'instruction' string")
+    def _error(self, seq: int, message: str) -> list[bytes]:
+        self.stats.errors += 1
+        return wire.encode(None, kind="error", seq=seq, error=message[:MAX_ERROR_CHARS])
 
     def _context(self, identity: bytes, episode: int) -> PruneContext:
         known = self._episodes.get(identity)

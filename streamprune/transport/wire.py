@@ -107,10 +107,10 @@ def decode(
     missing = [k for k in _RESERVED if k not in header]
     if missing:
         raise WireError(f"header lacks {missing}")
-    if header["v"] != VERSION:
-        raise WireError(f"unsupported wire version {header['v']!r} (this side speaks {VERSION})")
-    if header["kind"] not in KINDS:
-        raise WireError(f"unknown kind {header['kind']!r}")
+    if type(header["v"]) is not int or header["v"] != VERSION:
+        raise WireError(f"unsupported wire version {str(header['v'])[:20]!r} (this side speaks {VERSION})")
+    if not isinstance(header["kind"], str) or header["kind"] not in KINDS:
+        raise WireError(f"unknown kind {str(header['kind'])[:20]!r}")
     if not isinstance(header["ts"], (int, float)) or isinstance(header["ts"], bool) or not math.isfinite(header["ts"]):
         raise WireError("ts must be a finite number")
     if not isinstance(header["seq"], int) or isinstance(header["seq"], bool):
