@@ -129,8 +129,9 @@ def model_option(default: str = DEFAULT_VIDEO_MODEL, what: str = "Video-LLM") ->
 
 
 def method_option(default: str = "none", required: bool = False) -> Any:
-    return option(default, "pruning method or recipe (see `streamprune methods`)"
-                  + ("" if required else f"; default {default}"), metavar="NAME", required=required)
+    return option(default, "pruning method or recipe (see `streamprune methods`), or FILE.yaml: a recipe of "
+                           "your own" + ("" if required else f"; default {default}"), metavar="NAME",
+                  required=required)
 
 
 def retain_option() -> Any:

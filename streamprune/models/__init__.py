@@ -37,7 +37,7 @@ def model_type_of(path: str | Path) -> str:
 
 def resolve_model_dir(spec: str | None) -> tuple[Path, str]:
     """`--model` (a configs/models name, a directory, or None for the default Video-LLM) ->
-    (directory, the entry's attention implementation, what `--attn auto` means);
+    (directory, the entry's attention implementation: what `--attn auto` means);
     embedded models are built on first use if absent."""
     from streamprune.config import resolve_model
     from streamprune.models.default import embedded_model_dir

@@ -158,9 +158,9 @@ def _tensor(name: str, info: Any, file: Path, data_bytes: int) -> tuple[list[int
     return shape, offsets[0], offsets[1]
 
 
-def safetensors_shapes(file: Path) -> dict[str, list[int]]:
-    """{tensor name: shape} from a safetensors header, read with a size cap; the tensors must
-    tile the data after the header exactly (no gap, no overlap, nothing missing)."""
+def safetensors_tensors(file: Path) -> dict[str, tuple[list[int], str]]:
+    """{tensor name: (shape, dtype)} from a safetensors header, read with a size cap; the tensors
+    must tile the data after the header exactly (no gap, no overlap, nothing missing)."""
     try:
         size = file.stat().st_size
         with open(file, "rb") as fh:
@@ -190,7 +190,7 @@ def safetensors_shapes(file: Path) -> dict[str, list[int]]:
                 raise ModelError(f"{file}: __metadata__ is not an object")
             continue
         shape, start, end = _tensor(name, info, file, data_bytes)
-        shapes[name] = shape
+        shapes[name] = (shape, info["dtype"])
         spans.append((start, end, name))
     position = 0
     for start, end, name in sorted(spans):
@@ -205,9 +205,14 @@ def safetensors_shapes(file: Path) -> dict[str, list[int]]:
 
 def weight_shapes(model_dir: Path) -> dict[str, list[int]]:
     """Every tensor's shape, from model.safetensors or from the shards its index names."""
+    return {name: shape for name, (shape, _) in weight_tensors(model_dir).items()}
+
+
+def weight_tensors(model_dir: Path) -> dict[str, tuple[list[int], str]]:
+    """Every tensor's (shape, dtype), from model.safetensors or from the shards its index names."""
     single, index = model_dir / WEIGHTS, model_dir / INDEX
     if single.is_file():
-        return safetensors_shapes(single)
+        return safetensors_tensors(single)
     if not index.is_file():
         raise ModelError(f"model path {model_dir} has no {WEIGHTS} (or {INDEX})")
     weight_map = read_json_object(index).get("weight_map")
@@ -217,9 +222,9 @@ def weight_shapes(model_dir: Path) -> dict[str, list[int]]:
     bad = [s for s in shards if not isinstance(s, str) or Path(s).name != s or not (model_dir / s).is_file()]
     if bad:
         raise ModelError(f"{index}: weight_map names shard {bad[0]!r}, which is not a file in {model_dir}")
-    shapes: dict[str, list[int]] = {}
+    shapes: dict[str, tuple[list[int], str]] = {}
     for shard in sorted(shards):
-        shapes.update(safetensors_shapes(model_dir / shard))
+        shapes.update(safetensors_tensors(model_dir / shard))
     missing = sorted(set(weight_map) - set(shapes))
     if missing:
         raise ModelError(f"{index}: tensor {missing[0]!r} is not in its shard {weight_map[missing[0]]}")

@@ -5,23 +5,21 @@ out-of-memory traceback half-way through a run."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
+import math
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from streamprune.config.schema import DeviceConfig
-from streamprune.errors import ConfigError, ModelError
+from streamprune.errors import ConfigError
+from streamprune.models.checks import DTYPE_BYTES, weight_tensors
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                      "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 _GIB = 1024 ** 3
 
 
@@ -88,28 +86,12 @@ class MemoryEstimate:
 
 
 def checkpoint_bytes(model_dir: str | Path, dtype: torch.dtype | None) -> int:
-    """Weight bytes of a safetensors checkpoint once loaded in `dtype` (None: as stored), read from
-    the file headers only (float tensors are cast, integer ones keep their width)."""
+    """Weight bytes of a safetensors checkpoint once loaded in `dtype` (None: as stored), from the
+    file headers only (float tensors are cast, integer ones keep their width)."""
     total = 0
-    for file in sorted(Path(model_dir).glob("*.safetensors")):
-        try:
-            with file.open("rb") as handle:
-                (size,) = struct.unpack("<Q", handle.read(8))
-                if size > 100 * 1024 * 1024:
-                    raise ModelError(f"{file}: safetensors header of {size} bytes is not plausible")
-                header = json.loads(handle.read(size))
-        except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ModelError(f"{file}: unreadable safetensors header ({err})") from None
-        for name, entry in header.items():
-            if name == "__metadata__" or not isinstance(entry, dict):
-                continue
-            numel = 1
-            for dim in entry.get("shape", []):
-                numel *= int(dim)
-            stored = _SAFETENSORS_BYTES.get(entry.get("dtype", "F32"), 4)
-            is_float = str(entry.get("dtype", "F32")).startswith(("F", "BF"))
-            width = dtype.itemsize if (dtype is not None and is_float) else stored
-            total += numel * width
+    for shape, stored in weight_tensors(Path(model_dir)).values():
+        width = dtype.itemsize if dtype is not None and stored.startswith(("F", "BF")) else DTYPE_BYTES[stored]
+        total += math.prod(shape) * width
     return total
 
 
