@@ -201,6 +201,10 @@ def select_tokens(adapter, frames: np.ndarray, recipe: PruningRecipe, fps: float
     layout = adapter.layout(video, adapter.prompt_ids(question))
     embeds, positions, kept_slots = layout.keep(selection)
     stage = adapter.inner_stage(recipe, video, selection, kept_slots, embeds, ctx)
+    if stage.schedule is not None:  # a multi-layer stage (FrameFusion): its survivors after the last action
+        adapter.forward_layers(embeds, positions, DynamicCache(), stage)
+        survivors = stage.survivors.to(selection.indices.device)
+        return Highlight(video.tokens, selection.indices[survivors], merged[survivors], "inside the LLM")
     recorder = _RecordingMethod(recipe.inner_llm)
     stage.method = recorder
     adapter.forward_layers(embeds, positions, DynamicCache(), stage)

@@ -71,7 +71,9 @@ def test_bench_robot_compares_methods_on_the_default_policy(tmp_path, capsys) ->
                  "--json", str(out), "--plot", str(plot)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["method"], r["retain"]) for r in rows] == [("none", None), ("vla_pruner", 0.25), ("random", 0.25)]
-    assert rows[0]["visual_tokens_kept"] == 64 and all(r["visual_tokens_kept"] == 16 for r in rows[1:])
+    assert rows[0]["visual_tokens_kept"] == 64 and rows[2]["visual_tokens_kept"] == 16
+    # VLA-Pruner, as its authors' code, runs an episode's first 3 steps unpruned (PickColor episodes are short)
+    assert 16 < rows[1]["visual_tokens_kept"] <= 64
     assert rows[0]["speedup"] == 1.0 and all(r["control_steps_per_s"] > 0 for r in rows)
     assert plot.stat().st_size > 10_000
     assert "| vla_pruner | 0.25 |" in capsys.readouterr().out

@@ -93,7 +93,7 @@ def test_method_none_logits_in_bf16_equal_the_unmodified_model_in_bf16(tiny_mode
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ["fastv", "vla_pruner", "holitom_inner", "framefusion_llm"])
+@pytest.mark.parametrize("method", ["fastv", "vla_pruner", "holitom_inner"])
 def test_inner_method_under_sdpa_reads_the_eager_attention_row(tiny_model_dirs, family, method):
     """The model runs its SDPA kernel; the stage's side-computed row equals eager attention weights,
     and so the kept tokens equal those of the same stage in an eager model."""

@@ -137,3 +137,85 @@ def test_fastvid_requires_vit_attention():
     tokens = VisualTokens(torch.randn(16, 4), VisualTokens.grid_positions(1, 4, 4), (1, 4, 4))
     with pytest.raises(ConfigError):
         make_method("fastvid")(tokens, Budget(retain=0.5))
+
+
+def _merged(anchors: torch.Tensor, members: torch.Tensor, beta: float = 0.6) -> torch.Tensor:
+    """DTM by hand: each member joins its most cosine-similar anchor (ties: the first), then
+    anchor <- w * anchor + (1 - w) * mean(members), w = max(1 / (n + 1), beta)."""
+    za, zm = torch.nn.functional.normalize(anchors, dim=-1), torch.nn.functional.normalize(members, dim=-1)
+    nearest = (zm @ za.T).argmax(dim=1)
+    out = anchors.clone()
+    for a in range(len(anchors)):
+        group = members[nearest == a]
+        if len(group):
+            w = max(1.0 / (len(group) + 1), beta)
+            out[a] = w * anchors[a] + (1 - w) * group.mean(dim=0)
+    return out
+
+
+def _centred_frame(salient: torch.Tensor, centre: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+    """`[4, D]`: a salient token, then a centre with two unequal sides on a line. Of the three
+    non-salient tokens the centre is the densest and the DPC-kNN anchor."""
+    return torch.stack([salient, centre, centre + side, centre - 1.2 * side])
+
+
+def test_fastvid_anchor_frame_with_one_frame_share_pools_only_its_own_frame():
+    # p = 1: every frame of the 2-frame segment is an anchor frame with exactly n_c slots; the
+    # code (modeling_qwen2.py L1010, L1026) then merges each frame's own tokens only
+    side = torch.tensor([0.0, 0.0, 0.0, 0.2])
+    f0 = _centred_frame(torch.tensor([1.0, 1.0, 0.0, 0.0]), torch.tensor([0.2, 1.0, 0.5, 0.3]), side)
+    f1 = _centred_frame(torch.tensor([1.0, 0.0, 1.0, 0.0]), torch.tensor([1.0, 0.2, 0.3, 0.5]), side)
+    feats = torch.cat([f0, f1])
+    attention = torch.tensor([1.0, 0.0, 0.0, 0.0]).repeat(2)
+    assert dyseg(torch.stack([f0.mean(0), f1.mean(0)]), c=1, tau=0.0) == [(0, 2)]  # one segment
+    method = make_method("fastvid", c=1, tau=0.0, d=0.5, p=1)  # R = 2: 1 salient, 1 context per frame
+    sel = method(_tokens(feats, attention, 2, 2, 2), Budget(max_tokens=4))
+    assert sel.indices.tolist() == [0, 1, 4, 5]
+    torch.testing.assert_close(sel.features[[0, 2]], feats[[0, 4]], atol=1e-5, rtol=0)
+    torch.testing.assert_close(sel.features[1], _merged(f0[1:2], f0[1:])[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(sel.features[3], _merged(f1[1:2], f1[1:])[0], atol=1e-5, rtol=0)
+    # pooling the whole segment, as before, would have mixed the other frame in
+    assert not torch.allclose(sel.features[1], _merged(f0[1:2], torch.cat([f0[1:], f1[1:]]))[0], atol=1e-3)
+
+
+def test_fastvid_p2_odd_segment_with_one_context_token_pools_per_frame():
+    # p = 2, l = 3, n_c = 1: the code gives anchor frames 2 and 0 (3 * 1) // 2 = 1 = n_c slots, so
+    # they too merge only their own frame; frame 1's non-salient tokens are merged nowhere.
+    # (Here the third slot the code drops is kept, on frame 0: a declared budget deviation.)
+    side = torch.tensor([0.0, 0.0, 0.0, 0.2])
+    centres = torch.tensor([[0.2, 1.0, 0.5, 0.3], [1.0, 0.2, 0.3, 0.5], [0.4, 0.3, 1.0, 0.6]])
+    frames = [_centred_frame(torch.tensor([1.0, 1.0, 1.0, 0.0]), c, side) for c in centres]
+    feats = torch.cat(frames)
+    attention = torch.tensor([1.0, 0.0, 0.0, 0.0]).repeat(3)
+    assert dyseg(torch.stack([f.mean(0) for f in frames]), c=1, tau=0.0) == [(0, 3)]
+    sel = make_method("fastvid", c=1, tau=0.0, d=0.5, p=2)(_tokens(feats, attention, 3, 2, 2), Budget(max_tokens=6))
+    # salient token 0 of every frame; anchors: frame 0's two best DPC-kNN scores (the centre and
+    # the farther side), frame 2's centre; nothing on frame 1
+    assert sel.indices.tolist() == [0, 1, 3, 4, 8, 9]
+    torch.testing.assert_close(sel.features[[0, 3, 4]], feats[[0, 4, 8]], atol=1e-5, rtol=0)
+    want0 = _merged(feats[[1, 3]], frames[0][1:])  # frame 0's two anchors, frame 0's pool only
+    torch.testing.assert_close(sel.features[1:3], want0, atol=1e-5, rtol=0)
+    torch.testing.assert_close(sel.features[5], _merged(frames[2][1:2], frames[2][1:])[0], atol=1e-5, rtol=0)
+
+
+def test_fastvid_prefers_probe_attention_and_frame_features_when_given():
+    # the code segments on SigLIP's MAP-head output and ranks salient tokens by the MAP probe's
+    # attention; with those signals present they win over token means and vit_attention
+    t, h, w, dim = 4, 2, 2, 8
+    g = torch.Generator().manual_seed(6)
+    feats = torch.randn(h * w, dim, generator=g).repeat(t, 1)  # identical frames: one segment by token means
+    vit = torch.arange(t * h * w, dtype=torch.float32) % 4  # would pick position 3 of each frame
+    probe = 3.0 - vit  # picks position 0 instead
+    scene = torch.randn(2, 16, generator=g)
+    frame_features = scene[[0, 0, 1, 1]]  # a scene change after frame 1
+    tokens = _tokens(feats, vit, t, h, w)
+    tokens.signals["probe_attention"] = probe
+    tokens.frame_signals["frame_features"] = frame_features
+    method = make_method("fastvid", c=1, tau=0.9, d=0.5, p=4)  # R = 2: 1 salient, 1 context per frame
+    sel = method(tokens, Budget(max_tokens=8))
+    kept = sel.indices.tolist()
+    assert [i for i in kept if i % 4 == 0] == [0, 4, 8, 12]  # salient by probe_attention
+    # context anchors on the last frame of each DySeg segment [0, 2) and [2, 4)
+    assert sorted({i // 4 for i in kept if i % 4}) == [1, 3]
+    del tokens.frame_signals["frame_features"]  # fallback: token means, one segment [0, 4)
+    assert sorted({i // 4 for i in method(tokens, Budget(max_tokens=8)).indices.tolist() if i % 4}) == [3]

@@ -28,20 +28,18 @@ def clip_tokens(t: int, h: int, w: int, d: int = 16, seed: int = 0) -> VisualTok
     )
 
 
-def test_visionzip_keeps_top_attention_tokens_plus_contextual_merges() -> None:
-    tokens = clip_tokens(1, 8, 8, seed=1)
-    x, attention = tokens.features, tokens.signals["vit_attention"]
-    selection = make_method("visionzip")(tokens, Budget(max_tokens=16))  # 14 dominant + 2 contextual (54:10)
-    assert len(selection) == 16
-    dominant = attention.topk(14).indices
+def assert_visionzip_frame(selection, x: torch.Tensor, attention: torch.Tensor, n_dominant: int, n_context: int) -> None:
+    """The selection of one frame is n_dominant attention top tokens (features unchanged) plus
+    n_context targets at stride n_rest // n_context, each = target + mean of its cosine members."""
+    assert len(selection) == n_dominant + n_context
+    dominant = attention.topk(n_dominant).indices.tolist()
     kept = selection.indices.tolist()
-    for i in dominant.tolist():
+    for i in dominant:
         assert i in kept
-        torch.testing.assert_close(selection.features[kept.index(i)], x[i])
-    # contextual: the 50 others, targets at stride 50 // 2 = 25, the rest folded in by cosine
-    rest = [i for i in range(64) if i not in set(dominant.tolist())]
-    targets = [rest[0], rest[25]]
-    assert sorted(set(kept) - set(dominant.tolist())) == targets
+        torch.testing.assert_close(selection.features[kept.index(i)], x[i], atol=1e-5, rtol=0)
+    rest = [i for i in range(x.shape[0]) if i not in set(dominant)]
+    targets = rest[:: len(rest) // n_context][:n_context]
+    assert sorted(set(kept) - set(dominant)) == targets
     unit = torch.nn.functional.normalize(x, dim=-1)
     members = {tg: [] for tg in targets}
     for i in rest:
@@ -49,7 +47,33 @@ def test_visionzip_keeps_top_attention_tokens_plus_contextual_merges() -> None:
             members[targets[int((unit[i] @ unit[targets].T).argmax())]].append(i)
     for tg in targets:
         expected = x[tg] + x[members[tg]].mean(dim=0) if members[tg] else x[tg]
-        torch.testing.assert_close(selection.features[kept.index(tg)], expected)
+        torch.testing.assert_close(selection.features[kept.index(tg)], expected, atol=1e-5, rtol=0)
+
+
+def test_visionzip_splits_a_quota_with_int_as_the_holitom_port() -> None:
+    # visionzip/llava_arch.py L65: dominant_num = int(16 * 54/64) = int(13.5) = 13, contextual 3
+    tokens = clip_tokens(1, 8, 8, seed=1)
+    method = make_method("visionzip")
+    assert method.config.split_rounding == "floor"
+    selection = method(tokens, Budget(max_tokens=16))
+    assert_visionzip_frame(selection, tokens.features, tokens.signals["vit_attention"], 13, 3)
+
+
+def test_visionzip_round_split_option_gives_the_rounded_split() -> None:
+    tokens = clip_tokens(1, 8, 8, seed=1)
+    selection = make_method("visionzip", split_rounding="round")(tokens, Budget(max_tokens=16))
+    assert_visionzip_frame(selection, tokens.features, tokens.signals["vit_attention"], 14, 2)  # round(13.5)
+
+
+def test_visionzip_one_token_quota_is_one_contextual_token_as_the_port() -> None:
+    # int(1 * 54/64) = 0 dominant: the single token is the first token, merged with all the others
+    tokens = clip_tokens(1, 3, 3, seed=5)
+    x = tokens.features
+    selection = make_method("visionzip")(tokens, Budget(max_tokens=1))
+    assert selection.indices.tolist() == [0]
+    torch.testing.assert_close(selection.features[0], x[0] + x[1:].mean(dim=0), atol=1e-5, rtol=0)
+    rounded = make_method("visionzip", split_rounding="round")(tokens, Budget(max_tokens=1))
+    assert rounded.indices.tolist() == [int(tokens.signals["vit_attention"].argmax())]
 
 
 def test_visionzip_splits_the_budget_evenly_over_frames() -> None:
@@ -92,9 +116,11 @@ def test_visionzip_is_deterministic() -> None:
 def test_visionzip_bad_split_raises_config_error() -> None:
     with pytest.raises(ConfigError):
         make_method("visionzip", dominant=0, contextual=0)
+    with pytest.raises(ConfigError):
+        make_method("visionzip", split_rounding="ceil")
 
 
 def test_visionzip_yaml_builds() -> None:
     (stage,) = yaml.safe_load(CONFIG.read_text())["stages"]
     method = make_method(stage["method"], **stage["options"])
-    assert (method.config.dominant, method.config.contextual) == (54, 10)
+    assert (method.config.dominant, method.config.contextual, method.config.split_rounding) == (54, 10, "floor")

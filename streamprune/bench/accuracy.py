@@ -20,7 +20,6 @@ from tqdm import tqdm
 
 from streamprune.data.synthetic_qa import make_items
 from streamprune.models.base import VideoLLMAdapter
-from streamprune.models.inner import inner_layer
 from streamprune.outputs import output_file, write_text
 from streamprune.pruning.base import PruneContext
 from streamprune.pruning.recipe import PruningRecipe, build_recipe
@@ -48,17 +47,12 @@ class BenchRow:
     per_type: dict[str, float] = field(default_factory=dict)
 
 
-def prefill_flops(adapter: VideoLLMAdapter, n_text: int, n_visual: int, n_after: int, layer: int | None) -> float:
+def prefill_flops(adapter: VideoLLMAdapter, n_text: int, visual_per_layer: list[int]) -> float:
     """FastV's per-layer cost f(n) = 4nd^2 + 2n^2 d + 2ndm summed over the LM's layers, with
-    `n_visual` visual tokens before `layer` (an inner-LLM stage) and `n_after` from there on."""
+    `visual_per_layer[i]` visual tokens reaching layer i (inner-LLM stages shrink it)."""
     cfg = adapter.language_model.config
-    d, m, depth = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-
-    def f(n: int) -> float:
-        return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
-
-    split = depth if layer is None else max(0, min(layer, depth))
-    return split * f(n_text + n_visual) + (depth - split) * f(n_text + n_after)
+    d, m = cfg.hidden_size, cfg.intermediate_size
+    return sum(4 * n * d * d + 2 * n * n * d + 2 * n * d * m for n in (n_text + v for v in visual_per_layer))
 
 
 def run_accuracy_bench(adapter: VideoLLMAdapter, methods: list[str], retains: list[float], n: int,
@@ -100,10 +94,9 @@ def run_accuracy_bench(adapter: VideoLLMAdapter, methods: list[str], retains: li
             for phase in ("prune", "prefill"):
                 s[phase].append(answer.timings_ms.get(phase, 0.0))
             s["total"].append(sum(answer.timings_ms.values()))
-            layer = inner_layer(adapter, recipe.inner_llm) if recipe.inner_llm is not None else None
-            full = prefill_flops(adapter, text_len, answer.visual_tokens_in, answer.visual_tokens_in, None)
-            s["flops"].append(prefill_flops(adapter, text_len, answer.visual_tokens_pre_llm,
-                                            answer.visual_tokens_kept, layer) / full)
+            depth = len(answer.tokens_per_layer)
+            full = prefill_flops(adapter, text_len, [answer.visual_tokens_in] * depth)
+            s["flops"].append(prefill_flops(adapter, text_len, answer.tokens_per_layer) / full)
             bar.update(1)
     bar.close()
     rows = []

@@ -29,7 +29,6 @@ from transformers import DynamicCache
 from streamprune.bench.accuracy import prefill_flops
 from streamprune.models.base import EncodedVideo, VideoLLMAdapter
 from streamprune.models.generate import greedy_decode
-from streamprune.models.inner import inner_layer
 from streamprune.models.placement import Placement
 from streamprune.outputs import output_file, write_text
 from streamprune.pruning.base import PruneContext
@@ -136,7 +135,7 @@ def time_encode(adapter: VideoLLMAdapter, clip: np.ndarray, recipe: PruningRecip
 
 @torch.inference_mode()
 def _one_run(adapter: VideoLLMAdapter, video: EncodedVideo, recipe: PruningRecipe,
-             decode_tokens: int) -> tuple[dict[str, float], dict[str, int]]:
+             decode_tokens: int) -> tuple[dict[str, float], dict[str, Any]]:
     clock = PhaseClock(adapter.device)
     ctx = PruneContext(seed=0)
     selection = clock.phase("prune", lambda: recipe.select(video.tokens, ctx))
@@ -156,12 +155,12 @@ def _one_run(adapter: VideoLLMAdapter, video: EncodedVideo, recipe: PruningRecip
         ms["prefill"] -= inner.selection_ms
     kept = inner.kept if inner is not None else len(selection)
     counts = {"in": len(video.tokens), "kept": kept, "pre_llm": len(selection), "kv": kv,
-              "text": embeds.shape[0] - len(selection)}
+              "text": embeds.shape[0] - len(selection), "per_layer": adapter.tokens_per_layer(inner, len(selection))}
     return ms, counts
 
 
 def measure(adapter: VideoLLMAdapter, video: EncodedVideo, recipe: PruningRecipe, repeats: int,
-            decode_tokens: int, warmup: int = 1) -> tuple[dict[str, float], dict[str, int], int | None]:
+            decode_tokens: int, warmup: int = 1) -> tuple[dict[str, float], dict[str, Any], int | None]:
     """Median phase times over `repeats` runs after `warmup` untimed ones, the token counts, and the CUDA peak."""
     cuda = adapter.device.type == "cuda"
     for _ in range(warmup):
@@ -190,9 +189,9 @@ def run_speed_bench(adapter: VideoLLMAdapter, clip: np.ndarray, methods: list[st
             encodings[key] = time_encode(adapter, clip, recipe, repeats, warmup)
         video, encode_ms = encodings[key]
         ms, counts, peak = measure(adapter, video, recipe, repeats, decode_tokens, warmup)
-        layer = inner_layer(adapter, recipe.inner_llm) if recipe.inner_llm is not None else None
-        full = prefill_flops(adapter, counts["text"], counts["in"], counts["in"], None)
-        flops = prefill_flops(adapter, counts["text"], counts["pre_llm"], counts["kept"], layer) / full
+        per_layer = counts["per_layer"]
+        flops = prefill_flops(adapter, counts["text"], per_layer) / prefill_flops(
+            adapter, counts["text"], [counts["in"]] * len(per_layer))
         rows.append(SpeedRow(method=method, retain=retain, visual_tokens_in=counts["in"],
                              visual_tokens_kept=counts["kept"], encode_ms=encode_ms, prune_ms=ms["prune"],
                              prefill_ms=ms["prefill"], ttft_ms=encode_ms + ms["prune"] + ms["prefill"],

@@ -102,9 +102,10 @@ def mean_query_attention(layer: torch.nn.Module, hidden_in: torch.Tensor,
     q, k = decoder_queries_keys(layer, hidden_in, rope)
     k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
     length = q.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+    # the causal mask is added inside the matmul (addmm), so each head costs one L x L pass less
+    causal = torch.full((length, length), float("-inf"), device=q.device).triu_(1)
     received = torch.zeros(length, device=q.device)
     for head in range(q.shape[0]):
-        scores = (q[head].float() @ k[head].float().T) * layer.self_attn.scaling
-        received += torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1).mean(dim=0)
-    return received / q.shape[0]
+        scores = torch.addmm(causal, q[head].float(), k[head].float().T, alpha=layer.self_attn.scaling)
+        received += torch.softmax(scores, dim=-1).sum(dim=0)
+    return received / (q.shape[0] * length)

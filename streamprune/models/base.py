@@ -22,7 +22,7 @@ from transformers import DynamicCache
 from streamprune.encode.cacher import CacherConfig, CacherStats
 from streamprune.errors import ConfigError
 from streamprune.models.generate import NextLogits, greedy_decode
-from streamprune.models.inner import InnerStage
+from streamprune.models.inner import InnerStage, attention_half, mlp_half
 from streamprune.models.prompt import PromptIds, build_prompt_ids
 from streamprune.pruning.base import PruneContext
 from streamprune.pruning.recipe import PruningRecipe
@@ -88,6 +88,7 @@ class Answer:
     visual_tokens_pre_llm: int = 0  # kept before the LLM (differs from kept with an inner-LLM stage)
     timings_ms: dict[str, float] = field(default_factory=dict)
     cacher: CacherStats | None = None  # what the recipe's STC-Cacher did for this clip (None: no cacher)
+    tokens_per_layer: list[int] = field(default_factory=list)  # visual tokens reaching each decoder layer
 
 
 class Timer:
@@ -240,12 +241,14 @@ class VideoLLMAdapter(ABC):
     def forward_layers(self, embeds: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
                        inner: InnerStage | None = None, after_layer: "LayerTap | None" = None) -> torch.Tensor:
         """Run the decoder stack on `[L, D]` embeds at `[P, L]` positions, appending to `cache`.
-        Returns the final-norm hidden states `[L', D]` (L' < L if `inner` pruned at its layer).
+        Returns the final-norm hidden states `[L', D]` (L' < L if `inner` pruned).
 
         The mask is causal in sequence order, which is what a pruned sequence needs: kept tokens
-        keep their order, only their positions have gaps. With an inner stage, layers before
-        `inner.layer` cache every token and later layers only the survivors. `after_layer(index,
-        layer, hidden_in, rope, cache)` is called after each layer (e.g. to read attention)."""
+        keep their order, only their positions have gaps. An inner stage acts before a layer or,
+        when it `splits` one, between that layer's attention and its MLP; a layer caches every
+        token that reached its attention, so layers after an action cache only the survivors.
+        `after_layer(index, layer, hidden_in, rope, cache)` is called after each layer (e.g. to
+        read attention) with the layer's input and the rotary embedding its attention used."""
         lm = self.language_model
         hidden = embeds[None].to(self.device, lm.dtype)
         positions = positions.to(self.device)
@@ -253,17 +256,34 @@ class VideoLLMAdapter(ABC):
         rope = lm.rotary_emb(hidden, self._position_ids(positions))
         mask = self._causal_mask(hidden.shape[1], past, hidden.dtype)
         for index, layer in enumerate(lm.layers):
-            if inner is not None and index == inner.layer:
-                hidden, positions = inner.prune(hidden, positions)
-                rope = lm.rotary_emb(hidden, self._position_ids(positions))
-                mask = self._causal_mask(hidden.shape[1], past, hidden.dtype)
-            if inner is not None and index == inner.layer - 1:
-                inner.observe(layer, hidden, rope)
-            hidden_in = hidden
-            hidden = layer(hidden, attention_mask=mask, position_embeddings=rope, cache=cache, use_cache=True)
+            if inner is not None:
+                hidden, keep = inner.before_layer(index, layer, hidden, rope)
+                if keep is not None:
+                    positions, rope, mask = self._shrunk(keep, hidden, positions, rope, past, inner.settled)
+            hidden_in, rope_in = hidden, rope
+            if inner is not None and inner.splits(index):
+                hidden = attention_half(layer, hidden, mask, rope, cache)
+                hidden, keep = inner.within_layer(index, layer, hidden_in, rope_in, hidden, cache)
+                if keep is not None:
+                    positions, rope, mask = self._shrunk(keep, hidden, positions, rope, past, inner.settled)
+                hidden = mlp_half(layer, hidden)
+            else:
+                hidden = layer(hidden, attention_mask=mask, position_embeddings=rope, cache=cache, use_cache=True)
             if after_layer is not None:
-                after_layer(index, layer, hidden_in, rope, cache)
+                after_layer(index, layer, hidden_in, rope_in, cache)
         return lm.norm(hidden)[0]
+
+    def _shrunk(self, keep: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, rope: tuple, past: int,
+                settled: bool) -> tuple[torch.Tensor, tuple, torch.Tensor | None]:
+        """Positions, rotary embedding and mask for the sequence rows `keep` left by an inner
+        stage. Rope rows are per token: between actions they are gathered (as FrameFusion's code
+        does), once the stage is settled recomputed from the positions the decode continues from."""
+        positions = positions[:, keep]
+        if settled:
+            rope = self.language_model.rotary_emb(hidden, self._position_ids(positions))
+        else:
+            rope = tuple(r[..., keep, :] for r in rope)
+        return positions, rope, self._causal_mask(hidden.shape[1], past, hidden.dtype)
 
     @staticmethod
     def _position_ids(positions: torch.Tensor) -> torch.Tensor:
@@ -332,7 +352,11 @@ class VideoLLMAdapter(ABC):
         kept = inner.kept if inner is not None else len(selection)
         return Answer(text=text, token_ids=out, visual_tokens_in=len(video.tokens),
                       visual_tokens_kept=kept, visual_tokens_pre_llm=len(selection), timings_ms=dict(timer.ms),
-                      cacher=video.cacher_stats)
+                      cacher=video.cacher_stats, tokens_per_layer=self.tokens_per_layer(inner, len(selection)))
+
+    def tokens_per_layer(self, inner: InnerStage | None, pre_llm: int) -> list[int]:
+        """Visual tokens that reached each decoder layer's attention in the last prefill."""
+        return list(inner.reached) if inner is not None else [pre_llm] * len(self.language_model.layers)
 
 
 # after_layer(index, layer, hidden_in, rope, cache): called after each decoder layer (e.g. to read attention)

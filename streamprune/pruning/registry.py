@@ -15,6 +15,7 @@ _METHODS: dict[str, type[PruningMethod]] = {}
 _BUILTIN_MODULES = [
     "baselines",
     "stc_pruner", "divprune", "fastvid",
+    "fastvid_qwen",
     "holitom", "vla_pruner", "fastv", "framefusion", "visionzip",
 ]
 

@@ -18,29 +18,38 @@ from streamprune.types import Selection, VisualTokens
 log = logging.getLogger(__name__)
 
 _STATE_KEY = "stc_pruner.memory"
+_MEMORIES = ("code", "aligned")
 
 
 @register
 class STCPruner(PruningMethod):
-    """STC-Pruner, as released (`model/prune.py::STC_Pruner.compress`, Gaussian scoring).
+    """STC-Pruner, as released (`lern-to-write/STC` @ 9b13ce0, `model/prune.py::STC_Pruner.compress`
+    L115-145, Gaussian scoring; memory `_update_memory` L103-107, channels
+    `select_feature_channel` L109-113).
 
     Rule, on one chunk of T frames x N tokens (`[T*N, D]`):
       1. channels: keep the `channel_keep_ratio` fraction of channels with the LOWEST variance
-         over the chunk (scoring only; kept tokens keep all channels);
+         over the chunk, in ascending variance order (scoring only; kept tokens keep all channels);
       2. z = L2-normalised tokens on those channels;
-      3. temporal anchor mu_T = running mean of every chunk mean seen on this stream
-         (current chunk included), normalised; spatial anchor mu_S(f) = mean of z over frame f;
+      3. temporal anchor mu_T = mean of every chunk mean seen on this stream (current chunk
+         included), normalised; spatial anchor mu_S(f) = mean of z over frame f;
       4. score_i = g(z_i, mu_T) + g(z_i, mu_S(f)), g = sum over alpha in {1/8,1/4,1/2,1,2} of
          exp(-|z - mu|^2 / (2 alpha)); keep the k lowest scores of each frame (the most novel).
     Paper default: 60 of 196 tokens per frame (LLaVA-OV), channel_keep_ratio 0.5.
     With a Budget, k_f = budget.count(T*N) // T, the remainder spread over evenly spaced frames.
 
-    Streaming memory lives in `ctx.state` (a running sum and count of full-width chunk means),
-    so consecutive calls on one stream share mu_T; reset the state per stream.
-    Differs from the code: the code stores chunk means of that chunk's selected channels, so
-    means over different channel subsets get averaged; we store full-width means and restrict
-    mu_T to the current chunk's channels (identical when the channel set does not change).
-    The paper's bounded history buffer is not used; the code's unbounded mean is.
+    Streaming memory (`memory`) lives in `ctx.state` as a running sum and count, so consecutive
+    calls on one stream share mu_T; reset the state per stream.
+    - "code" (default): as L103-107, each chunk stores the mean of ITS selected channels, in its
+      own variance order ([D'] vectors), and mu_T averages those vectors position by position; when
+      chunks select different channels, or the same channels in another variance order, position j
+      of mu_T mixes different channels.
+    - "aligned" (ours): each chunk stores its full-width mean [D]; mu_T is the running mean
+      restricted to the current chunk's channels in the current order. The two agree only while
+      every chunk so far selected the same channels in the same order (so always on the first).
+    Deviations: variance ties order channels by lower index first (torch.topk leaves tie order
+    unspecified); at least one channel is kept. The paper's bounded history buffer is not used;
+    the code's unbounded mean is.
     """
 
     name = "stc_pruner"
@@ -52,21 +61,27 @@ class STCPruner(PruningMethod):
         # paper default 60 of 196 tokens per frame, for configs/methods/stc_pruner.yaml;
         # the Budget passed to select wins
         retain: float = 60 / 196
+        memory: str = "code"  # "code": average chunk means of their own selected channels; "aligned": ours
 
         def __post_init__(self) -> None:
             if not 0.0 < self.channel_keep_ratio <= 1.0:
                 raise ConfigError(f"channel_keep_ratio must be in (0, 1], got {self.channel_keep_ratio}")
+            if self.memory not in _MEMORIES:
+                raise ConfigError(f"stc_pruner memory must be one of {_MEMORIES}, got {self.memory!r}")
 
     def select(self, tokens: VisualTokens, budget: Budget, ctx: PruneContext) -> Selection:
         t, n = tokens.grid[0], tokens.tokens_per_frame
         x = tokens.frames().float()  # [T, N, D]
-        mu_t_full = self._update_memory(ctx, x.mean(dim=(0, 1)))
-
         d = x.shape[-1]
         n_channels = max(1, int(d * self.config.channel_keep_ratio))
         channels = topk_stable(x.reshape(-1, d).var(dim=0, unbiased=False), n_channels, largest=False)
-        z = F.normalize(x[..., channels], dim=-1)
-        mu_t = F.normalize(mu_t_full[channels], dim=-1)
+        xs = x[..., channels]  # [T, N, D'], channels in ascending variance
+        if self.config.memory == "code":
+            mu_t = self._update_memory(ctx, xs.mean(dim=(0, 1)), d)
+        else:
+            mu_t = self._update_memory(ctx, x.mean(dim=(0, 1)), d)[channels]
+        z = F.normalize(xs, dim=-1)
+        mu_t = F.normalize(mu_t, dim=-1)
         mu_s = z.mean(dim=1, keepdim=True)  # [T, 1, D'] (not re-normalised, as in the code)
         score = gaussian_similarity(z, mu_t) + gaussian_similarity(z, mu_s)  # [T, N]
 
@@ -78,14 +93,15 @@ class STCPruner(PruningMethod):
         return Selection(indices=true_indices(keep, budget.count(t * n)))
 
     @staticmethod
-    def _update_memory(ctx: PruneContext, chunk_mean: torch.Tensor) -> torch.Tensor:
-        """Add this chunk's mean `[D]` to the stream memory and return the running mean `[D]`."""
+    def _update_memory(ctx: PruneContext, chunk_mean: torch.Tensor, width: int) -> torch.Tensor:
+        """Add this chunk's mean (`[D']` or `[D]`) of `width`-d tokens to the stream memory and
+        return the running mean."""
         memory = ctx.state.get(_STATE_KEY)
         if memory is None:
-            memory = ctx.state[_STATE_KEY] = {"sum": torch.zeros_like(chunk_mean), "count": 0}
-        elif memory["sum"].shape != chunk_mean.shape:
+            memory = ctx.state[_STATE_KEY] = {"sum": torch.zeros_like(chunk_mean), "count": 0, "width": width}
+        elif memory["width"] != width or memory["sum"].shape != chunk_mean.shape:
             raise InputError(
-                f"STC-Pruner memory holds {memory['sum'].shape[0]}-d features but got {chunk_mean.shape[0]}-d; "
+                f"STC-Pruner memory holds {memory['width']}-d features but got {width}-d; "
                 "reset the PruneContext state per stream"
             )
         memory["sum"] = memory["sum"] + chunk_mean

@@ -8,7 +8,11 @@ VisionZip: Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision
   n_rest // M) and the others; each other token is assigned to its most similar target and the
   contextual token is target + mean(assigned) (the code ADDS the mean to the target, it does not
   average them; a target with nothing assigned stays as it is).
-Budget split dominant:contextual = 54:10 (LLaVA-1.5: 54+10 / 108+20 / 162+30 of 576).
+Budget split dominant:contextual = 54:10 (LLaVA-1.5: 54+10 / 108+20 / 162+30 of 576). The
+original fixes both counts; a frame's quota q is split as HoliTom's SigLIP port does
+(`cokeshao/HoliTom` @ e9b2972, `visionzip/llava_arch.py` L63-66): n_dominant = int(q * share),
+share = dominant / (dominant + contextual), the rest contextual (`split_rounding="floor"`, default;
+e.g. q=16 -> 13 + 3). `split_rounding="round"` (our earlier rule) uses round(q * share) -> 14 + 2.
 Approximation: the code measures similarity on the ViT layer -2 KEYS and merges ViT hidden states
 before the projector; here both use the LLM-input features (keys are not exposed), so the added
 contextual token lives in projector-output space.
@@ -45,11 +49,18 @@ def frame_quotas(t: int, k: int, per_frame: int) -> list[int]:
     return quotas
 
 
+def dominant_count(quota: int, dominant_share: float, rounding: str = "floor") -> int:
+    """How many of a frame's `quota` tokens are dominant: int(quota * share) as HoliTom's port
+    (`visionzip/llava_arch.py` L65), or round(...) with rounding="round"."""
+    exact = quota * dominant_share
+    return min(quota, int(exact) if rounding == "floor" else round(exact))
+
+
 def visionzip_frame(
-    x: torch.Tensor, attn: torch.Tensor, quota: int, dominant_share: float
+    x: torch.Tensor, attn: torch.Tensor, quota: int, dominant_share: float, rounding: str = "floor"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """VisionZip on one frame. x `[P, D]`, attn `[P]` -> (kept local indices `[quota]`, features `[quota, D]`)."""
-    n_dominant = min(quota, round(quota * dominant_share))
+    n_dominant = dominant_count(quota, dominant_share, rounding)
     n_context = quota - n_dominant
     dominant = topk_stable(attn, n_dominant)
     if n_context == 0:
@@ -84,10 +95,13 @@ class VisionZip(PruningMethod):
     class Config:
         dominant: int = 54  # dominant : contextual split of the budget (paper 54+10 of 576)
         contextual: int = 10
+        split_rounding: str = "floor"  # a frame's dominant count: int(q * share) (HoliTom port) or "round"
 
         def __post_init__(self) -> None:
             if self.dominant < 0 or self.contextual < 0 or self.dominant + self.contextual == 0:
                 raise ConfigError("visionzip dominant and contextual must be >= 0 and not both 0")
+            if self.split_rounding not in ("floor", "round"):
+                raise ConfigError(f"visionzip split_rounding must be 'floor' or 'round', got {self.split_rounding!r}")
 
     def select(self, tokens: VisualTokens, budget: Budget, ctx: PruneContext) -> Selection:
         t, h, w = tokens.grid
@@ -98,7 +112,7 @@ class VisionZip(PruningMethod):
         keep, feats = [], []
         for f, q in enumerate(frame_quotas(t, budget.count(len(tokens)), p)):
             if q:
-                local, x = visionzip_frame(frames[f], attn[f], q, share)
+                local, x = visionzip_frame(frames[f], attn[f], q, share, self.config.split_rounding)
                 keep.append(f * p + local)
                 feats.append(x)
         return sorted_selection(torch.cat(keep), torch.cat(feats))

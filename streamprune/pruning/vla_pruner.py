@@ -1,8 +1,10 @@
 """VLA-Pruner: temporal-aware dual-level visual token pruning for VLA models.
 
 Liu et al., "VLA-Pruner: Temporal-Aware Dual-Level Visual Token Pruning for Efficient
-Vision-Language-Action Inference" (arXiv 2511.16449), code `MINT-SJTU/VLA-Pruner` (OpenVLA:
-`modeling_llama.py::fastv_forward`, `_redundancy_minization`; `modeling_prismatic.py::predict_action`).
+Vision-Language-Action Inference" (arXiv 2511.16449), code `MINT-SJTU/VLA-Pruner` @ fa5bfed
+(OpenVLA: `src/openvla/transformers/.../llama/modeling_llama.py::fastv_forward` ~L1100-1120 and
+`_redundancy_minization` ~L950-971; `src/openvla/prismatic/extern/hf/modeling_prismatic.py::
+predict_action` ~L558-618).
 
 At decoder layer K=3 of the prefill (inner-LLM stage):
 1. Semantic level: S_vl = layer K-1 attention to each visual token, head-averaged and averaged
@@ -10,19 +12,34 @@ At decoder layer K=3 of the prefill (inner-LLM stage):
    paper's main setting). `semantic="llm_attention_last"` gives the code's FastV-row variant.
 2. Action level: the action-to-vision attention of past control steps (the code: layer 15,
    mean over heads and the 7 action tokens), pushed after every step with
-   `push_action_attention`, smoothed as S_act = sum_{i=1..w} gamma^(i-1) S^(t-i) (the most recent
-   step weighs 1), normalised to sum 1. Defaults w=3, gamma=0.8. History is per episode: call
-   `reset_action_history` (the code's `reset_av_history`) at each episode start.
+   `push_action_attention` (the `observe_action` hook), smoothed over the last w steps with
+   weights gamma^i, normalised to sum 1. Defaults w=3, gamma=0.8. History is per episode:
+   `start_stream` (the code's `reset_av_history`) clears it.
 3. C = topk(S_vl, k) U topk(S_act, k); if |C| > k, keep k of C by greedy max-min diversity
    (cosine distance) on the layer-0 input embeddings (`input_embeds`), as `_redundancy_minization`.
    Both top-k sets have k members, so |C| >= k always: the union is never under budget and the
    authors' code has no fill step (none is needed here either).
 Kept tokens keep their original positions. Budgets in the scripts: keep 50/25/12.5%.
 
-Deviation: during warm-up (fewer than w action vectors in the history) the authors run the step
-UNPRUNED (fastv_r=0). The runtime must honour the budget, so warm-up steps select by the semantic
-level alone (top-k of S_vl, i.e. FastV with the chosen attention row). A history whose length
-does not match the current token count is dropped and the step is treated as warm-up.
+Where code and paper differ (code by default, the paper as an option):
+- Smoothing order (`smoothing_order`). The code (`predict_action` ~L573-576) builds
+  weights gamma^(w-1), ..., gamma^0 and pairs weights[i] with history[-1-i], so the NEWEST step
+  weighs gamma^(w-1) and the OLDEST weighs 1 (`"code"`, default). The paper writes
+  sum_{i=1..w} gamma^(i-1) S^(t-i): the newest step weighs 1 (`"paper"`).
+- Warm-up (`warmup`). The code (`predict_action` ~L568 and ~L593-603) runs every step whose
+  history holds fewer than w vectors with fastv_r=0, i.e. UNPRUNED, and still records that step's
+  action attention (~L612-618). `"unpruned"` (default) does the same: for the first w steps of an
+  episode `__call__` lifts the budget to all N tokens (the one place this method exceeds the
+  recipe's budget, by design), and `observe_action` records the step as usual. `"semantic"`
+  prunes warm-up steps by S_vl alone (FastV with the chosen attention row) within budget.
+Our own deviations:
+- An episode is what `start_stream` begins (`VLAPolicy.reset` calls it). The unpruned warm-up
+  applies only there: a context that never began an episode (video QA, a bare PruneContext) gets
+  no action feedback to wait for, so it prunes by S_vl until a full history exists.
+- The code casts the smoothed vector to bfloat16 before its top-k (~L578); we rank in float32.
+  The code divides by the sum unguarded; an all-zero history stays zero here.
+- A history whose length does not match the current token count is dropped and the step is
+  treated as warm-up (the code has a fixed 256 tokens).
 """
 
 from __future__ import annotations
@@ -41,9 +58,12 @@ from streamprune.types import Selection, VisualTokens
 logger = logging.getLogger(__name__)
 
 HISTORY_KEY = "vla_pruner.action_attention"
+EPISODE_KEY = "vla_pruner.episode"  # set by start_stream: action feedback will follow each step
 DEFAULT_WINDOW = 3
 DEFAULT_GAMMA = 0.8
 _SEMANTIC_SIGNALS = ("llm_attention_mean", "llm_attention_last")
+_SMOOTHING_ORDERS = ("code", "paper")
+_WARMUPS = ("unpruned", "semantic")
 
 
 def push_action_attention(ctx: PruneContext, attention: torch.Tensor, window: int = DEFAULT_WINDOW) -> None:
@@ -72,15 +92,19 @@ def reset_action_history(ctx: PruneContext) -> None:
 
 
 def smoothed_action_attention(
-    ctx: PruneContext, window: int = DEFAULT_WINDOW, gamma: float = DEFAULT_GAMMA
+    ctx: PruneContext, window: int = DEFAULT_WINDOW, gamma: float = DEFAULT_GAMMA, order: str = "code"
 ) -> torch.Tensor | None:
-    """sum_{i=1..w} gamma^(i-1) S^(t-i), normalised to sum 1, `[N]`; None until w steps are recorded."""
+    """The last `window` action vectors weighted by powers of gamma, normalised to sum 1, `[N]`;
+    None until `window` steps are recorded. order "code": the oldest weighs 1, the newest
+    gamma^(w-1) (`predict_action` ~L573-576); "paper": the newest weighs 1."""
     history: list[torch.Tensor] = ctx.state.get(HISTORY_KEY, [])
     if len(history) < window:
         return None
-    recent = torch.stack(history[-window:][::-1])  # most recent first
-    weights = gamma ** torch.arange(window, dtype=torch.float32, device=recent.device)
-    smoothed = (weights[:, None] * recent).sum(dim=0)
+    recent = torch.stack(history[-window:])  # oldest first
+    powers = torch.arange(window, dtype=torch.float32, device=recent.device)  # 0 for the oldest
+    if order == "paper":
+        powers = powers.flip(0)  # 0 for the newest
+    smoothed = ((gamma**powers)[:, None] * recent).sum(dim=0)
     total = smoothed.sum()
     return torch.where(total > 0, smoothed / total, smoothed)  # on the device, no host check
 
@@ -100,6 +124,8 @@ class VLAPruner(PruningMethod):
         window: int = DEFAULT_WINDOW  # w (temporal_w)
         gamma: float = DEFAULT_GAMMA  # temporal_gamma
         semantic: str = "llm_attention_mean"  # or "llm_attention_last" (the code's non-prefill variant)
+        smoothing_order: str = "code"  # "code": oldest step weighs 1; "paper": newest weighs 1
+        warmup: str = "unpruned"  # first w steps of an episode: "unpruned" (code) or "semantic" top-k
 
         def __post_init__(self) -> None:
             if self.layer < 1:
@@ -110,6 +136,11 @@ class VLAPruner(PruningMethod):
                 raise ConfigError(f"vla_pruner gamma must be in (0, 1], got {self.gamma}")
             if self.semantic not in _SEMANTIC_SIGNALS:
                 raise ConfigError(f"vla_pruner semantic must be one of {_SEMANTIC_SIGNALS}, got {self.semantic!r}")
+            if self.smoothing_order not in _SMOOTHING_ORDERS:
+                raise ConfigError(f"vla_pruner smoothing_order must be one of {_SMOOTHING_ORDERS}, "
+                                  f"got {self.smoothing_order!r}")
+            if self.warmup not in _WARMUPS:
+                raise ConfigError(f"vla_pruner warmup must be one of {_WARMUPS}, got {self.warmup!r}")
 
     def __init__(self, config: Config | None = None) -> None:
         super().__init__(config)
@@ -117,15 +148,34 @@ class VLAPruner(PruningMethod):
 
     def start_stream(self, ctx: PruneContext) -> None:
         reset_action_history(ctx)
+        ctx.state[EPISODE_KEY] = True
 
     def observe_action(self, ctx: PruneContext, action_attention: torch.Tensor) -> None:
         push_action_attention(ctx, action_attention, self.config.window)
+
+    def warming_up_unpruned(self, ctx: PruneContext, n_tokens: int) -> bool:
+        """Whether this step runs unpruned: `warmup="unpruned"`, inside an episode, and fewer than
+        w action vectors of this token count recorded (host-side bookkeeping only, no device sync)."""
+        if self.config.warmup != "unpruned" or not ctx.state.get(EPISODE_KEY, False):
+            return False
+        history: list[torch.Tensor] = ctx.state.get(HISTORY_KEY, [])
+        usable = len(history) if history and history[-1].numel() == n_tokens else 0
+        return usable < self.config.window
+
+    def __call__(self, tokens: VisualTokens, budget: Budget, ctx: PruneContext | None = None) -> Selection:
+        ctx = ctx if ctx is not None else PruneContext()
+        if self.warming_up_unpruned(ctx, len(tokens)):
+            # the authors' fastv_r=0 step: all N survive (top-N of S_vl, i.e. every token, in order)
+            logger.debug("vla_pruner: warm-up step %d of %d runs unpruned", len(ctx.state.get(HISTORY_KEY, [])) + 1,
+                         self.config.window)
+            budget = Budget(max_tokens=max(1, len(tokens)))
+        return super().__call__(tokens, budget, ctx)
 
     def select(self, tokens: VisualTokens, budget: Budget, ctx: PruneContext) -> Selection:
         n = len(tokens)
         k = budget.count(n)
         semantic = tokens.signals[self.config.semantic].float().reshape(-1)
-        action = smoothed_action_attention(ctx, self.config.window, self.config.gamma)
+        action = smoothed_action_attention(ctx, self.config.window, self.config.gamma, self.config.smoothing_order)
         if action is not None and action.numel() != n:
             logger.warning(
                 "vla_pruner: action history has %d entries for %d visual tokens; restarting it", action.numel(), n
