@@ -67,10 +67,17 @@ class Selection:
     indices:  `[K]` long, ascending, indices into the input tokens. Output token k takes the
               original position of input token `indices[k]` (a merged token takes its anchor's).
     features: `[K, D]` replacement features for merged tokens, or None to keep the inputs' own.
+    contiguous: the authors' layout of some methods (DivPrune's LLaVA-1.5 path, HoliTom's outer
+              stage): the pruned sequence is renumbered 0..L'-1, as if the pruned tokens never
+              existed (1-D positions only). Default: every survivor keeps its original position.
+    order:    `[K]` order of the kept tokens inside the visual span (a permutation of range(K)),
+              e.g. HoliTom's static tokens first; None: index order.
     """
 
     indices: torch.Tensor
     features: torch.Tensor | None = None
+    contiguous: bool = False
+    order: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.indices.numel())

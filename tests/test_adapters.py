@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -153,3 +154,59 @@ def test_chunked_prefill_on_a_filled_cache_equals_one_prefill(tiny_adapters, fam
     adapter.forward_layers(embeds[:split], positions[:, :split], cache)
     tail = adapter.forward_layers(embeds[split:], positions[:, split:], cache)
     assert torch.allclose(tail, whole[split:], atol=1e-5)
+
+
+def test_fastvid_on_qwen2_5_vl_runs_the_authors_qwen_variant(tiny_adapters):
+    """FastVID's authors ship a separate Qwen2.5-VL algorithm; `--method fastvid` uses it there
+    (with its own defaults: retain 0.27) and the LLaVA-OneVision algorithm elsewhere."""
+    qwen = tiny_adapters["qwen2_5_vl"].recipe("fastvid")
+    llava = tiny_adapters["llava_onevision"].recipe("fastvid")
+    assert qwen.name == "fastvid_qwen" and [type(m).__name__ for m in qwen.pre_llm] == ["FastVIDQwen"]
+    assert qwen.budget.retain == 0.27
+    assert llava.name == "fastvid" and [type(m).__name__ for m in llava.pre_llm] == ["FastVID"]
+    answer = tiny_adapters["qwen2_5_vl"].answer(random_clip(frames=4), QUESTION, qwen, fps=2.0, max_new_tokens=2)
+    assert answer.visual_tokens_kept <= round(0.27 * answer.visual_tokens_in) + 1
+
+
+def test_authors_layouts_renumber_and_reorder_the_kept_tokens(tiny_adapters):
+    """DivPrune's `layout: contiguous` and HoliTom's `layout: static_first` give the sequence the
+    authors' code builds (positions 0..L'-1, static tokens first); the default keeps originals."""
+    from streamprune.pruning.base import Budget, PruneContext
+    from streamprune.pruning.registry import make_method
+
+    adapter = tiny_adapters["llava_onevision"]
+    clip = np.repeat(random_clip(frames=1), 4, axis=0)  # a static clip: every position is static
+    clip[2:, :8] = 255 - clip[2:, :8]  # except a changing strip in the last two frames
+    video = adapter.encode(clip, fps=2.0, signals=frozenset({"vit_attention"}))
+    layout = adapter.layout(video, adapter.prompt_ids(QUESTION))
+    n = len(video.tokens)
+    for method in ("divprune", "holitom"):
+        original = make_method(method)(video.tokens, Budget(retain=0.25), PruneContext())
+        authors = make_method(method, layout="static_first" if method == "holitom" else "contiguous")(
+            video.tokens, Budget(retain=0.25), PruneContext())
+        assert torch.equal(original.indices, authors.indices)
+        _, positions, _ = layout.keep(original)
+        assert positions.shape[1] == layout.embeds.shape[0] - n + len(original)
+        assert not torch.equal(positions[0], torch.arange(positions.shape[1]))  # gaps where tokens were
+        embeds, positions, slots = layout.keep(authors)
+        assert torch.equal(positions[0], torch.arange(positions.shape[1]))
+        assert layout.next_position_for(authors) == positions.shape[1]
+        feats = authors.features if authors.features is not None else video.tokens.features[authors.indices]
+        assert torch.allclose(embeds[slots], feats.to(embeds.dtype))  # each entry where keep() says it is
+        if method == "holitom":
+            order = authors.order
+            assert order is not None and sorted(order.tolist()) == list(range(len(authors)))
+            first_frame = authors.indices[order] < video.tokens.tokens_per_frame
+            assert first_frame[0] and not torch.equal(order, torch.arange(len(authors)))  # static (frame 0) first
+
+
+def test_contiguous_layout_on_mrope_is_a_one_line_error(tiny_adapters):
+    from streamprune.errors import ConfigError
+    from streamprune.pruning.base import Budget, PruneContext
+    from streamprune.pruning.registry import make_method
+
+    adapter = tiny_adapters["qwen2_5_vl"]
+    video = adapter.encode(random_clip(frames=4), fps=2.0)
+    selection = make_method("divprune", layout="contiguous")(video.tokens, Budget(retain=0.5), PruneContext())
+    with pytest.raises(ConfigError, match="needs 1-D positions"):
+        adapter.layout(video, adapter.prompt_ids(QUESTION)).keep(selection)

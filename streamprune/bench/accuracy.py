@@ -22,7 +22,7 @@ from streamprune.data.synthetic_qa import make_items
 from streamprune.models.base import VideoLLMAdapter
 from streamprune.outputs import output_file, write_text
 from streamprune.pruning.base import PruneContext
-from streamprune.pruning.recipe import PruningRecipe, build_recipe
+from streamprune.pruning.recipe import PruningRecipe
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,8 @@ def run_accuracy_bench(adapter: VideoLLMAdapter, methods: list[str], retains: li
     items = make_items("test", num_clips=n)[:n]
     while len(items) < n:  # clips carry a variable number of questions
         items = make_items("test", num_clips=2 * n)[:n]
-    recipes: list[tuple[str, float, PruningRecipe]] = [("none", 1.0, build_recipe("none", retain=1.0))]
-    recipes += [(m, r, build_recipe(m, retain=r)) for m in methods if m != "none" for r in retains]
+    recipes: list[tuple[str, float, PruningRecipe]] = [("none", 1.0, adapter.recipe("none", retain=1.0))]
+    recipes += [(m, r, adapter.recipe(m, retain=r)) for m in methods if m != "none" for r in retains]
     groups = encoder_groups([p for _, _, p in recipes])
     stats = {(m, r): {"correct": [], "kept": [], "in": [], "prune": [], "prefill": [], "total": [], "flops": [],
                       "types": {}} for m, r, _ in recipes}

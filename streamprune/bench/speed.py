@@ -32,7 +32,7 @@ from streamprune.models.generate import greedy_decode
 from streamprune.models.placement import Placement
 from streamprune.outputs import output_file, write_text
 from streamprune.pruning.base import PruneContext
-from streamprune.pruning.recipe import PruningRecipe, build_recipe
+from streamprune.pruning.recipe import PruningRecipe
 
 log = logging.getLogger(__name__)
 QUESTION = "What happens in the video? Answer in one sentence."
@@ -148,7 +148,7 @@ def _one_run(adapter: VideoLLMAdapter, video: EncodedVideo, recipe: PruningRecip
     first = clock.phase("prefill", lambda: adapter.logits(adapter.forward_layers(embeds, positions, cache, inner)[-1]))
     kv = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
     clock.phase("decode", lambda: greedy_decode(
-        first, adapter.decoder_step(cache, positions.shape[0], layout.next_position), decode_tokens))
+        first, adapter.decoder_step(cache, positions.shape[0], layout.next_position_for(selection)), decode_tokens))
     ms = clock.read()
     if inner is not None:  # the inner stage's own work ran inside the prefill
         ms["prune"] += inner.selection_ms
@@ -183,7 +183,7 @@ def run_speed_bench(adapter: VideoLLMAdapter, clip: np.ndarray, methods: list[st
     encodings: dict[tuple[str, frozenset[str]], tuple[EncodedVideo, float]] = {}
     rows: list[SpeedRow] = []
     for method, retain in tqdm(plan, desc="bench speed", unit="row", disable=not progress):
-        recipe = build_recipe(method, retain=retain)
+        recipe = adapter.recipe(method, retain=retain)
         key = encoder_key(recipe)
         if key not in encodings:
             encodings[key] = time_encode(adapter, clip, recipe, repeats, warmup)

@@ -23,7 +23,7 @@ def run(config: AskConfig) -> int:
     from streamprune.pruning.recipe import build_recipe
 
     question = question_text(config.question, "--question")
-    recipe = build_recipe(config.method, retain=config.retain, max_tokens=config.max_tokens)
+    build_recipe(config.method, retain=config.retain, max_tokens=config.max_tokens)  # a bad name fails before decoding
     if not Path(config.video).is_file():
         raise InputError(f"video file not found: {config.video}")
     start = time.perf_counter()
@@ -33,6 +33,7 @@ def run(config: AskConfig) -> int:
     decode_ms = (time.perf_counter() - start) * 1000
     loaded = time.perf_counter()
     adapter = load_model(config.model, config.placement, frames=config.max_frames)
+    recipe = adapter.recipe(config.method, retain=config.retain, max_tokens=config.max_tokens)
     load_ms = (time.perf_counter() - loaded) * 1000
     clip = np.stack([f.image for f in frames])
     answer = adapter.answer(clip, question, recipe, PruneContext(seed=config.seed), fps=config.fps,

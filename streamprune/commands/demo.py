@@ -12,8 +12,9 @@ def run(config: DemoConfig) -> int:
     from streamprune.pruning.base import PruneContext
     from streamprune.pruning.recipe import build_recipe
 
-    recipe = build_recipe(config.method, retain=config.retain, max_tokens=config.max_tokens)
+    build_recipe(config.method, retain=config.retain, max_tokens=config.max_tokens)  # a bad name fails before loading
     adapter = load_model(config.model, config.placement)
+    recipe = adapter.recipe(config.method, retain=config.retain, max_tokens=config.max_tokens)
     if adapter.model_dir != TRAINED_DIR and config.model == "default":
         print("note: the trained default model is not installed; using a tiny random model (answers are noise)")
     items = make_items("test", num_clips=config.n)[: config.n]

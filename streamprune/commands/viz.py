@@ -29,7 +29,7 @@ def run(config: VizConfig) -> int:
         raise ConfigError(f"--out must end in .mp4 (annotated clip) or .png (contact sheet), got {out.name!r}")
     check_output(out, "--out")  # before any decoding or model work
     question = question_text(config.question, "--question")
-    recipe = build_recipe(config.method, retain=config.retain, max_tokens=config.max_tokens)
+    build_recipe(config.method, retain=config.retain, max_tokens=config.max_tokens)  # a bad name fails before decoding
     if not Path(config.video).is_file():
         raise InputError(f"video file not found: {config.video}")
     fps = config.fps
@@ -37,6 +37,7 @@ def run(config: VizConfig) -> int:
     if not frames:
         raise InputError(f"no frames decoded from {config.video}")
     adapter = load_model(config.model, config.placement, frames=config.max_frames)
+    recipe = adapter.recipe(config.method, retain=config.retain, max_tokens=config.max_tokens)
     clip = np.stack([f.image for f in frames])
     highlight = select_tokens(adapter, clip, recipe, fps, PruneContext(seed=config.seed), question)
     images, maps = render(frames, highlight, adapter.frames_per_unit)

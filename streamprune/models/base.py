@@ -25,7 +25,7 @@ from streamprune.models.generate import NextLogits, greedy_decode
 from streamprune.models.inner import InnerStage, attention_half, mlp_half
 from streamprune.models.prompt import PromptIds, build_prompt_ids
 from streamprune.pruning.base import PruneContext
-from streamprune.pruning.recipe import PruningRecipe
+from streamprune.pruning.recipe import PruningRecipe, build_recipe
 from streamprune.types import Selection, VisualTokens
 
 
@@ -61,20 +61,40 @@ class PromptLayout:
 
     def keep(self, selection: Selection) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sequence with only the selected visual tokens: (embeds `[L', D]`, positions `[P, L']`,
-        new sequence index of each kept visual token `[K]`). Positions are the originals."""
+        new sequence index of each kept visual token `[K]`, in selection order). Positions are
+        the originals unless the selection asks for the authors' contiguous layout;
+        `selection.order` puts the kept tokens into the kept slots in that order."""
         length, device = self.embeds.shape[0], self.embeds.device
         kept_slots = self.visual_slots[selection.indices.to(device)]
         keep_mask = torch.ones(length, dtype=torch.bool, device=device)
         keep_mask[self.visual_slots] = False
         keep_mask[kept_slots] = True
         embeds = self.embeds
-        if selection.features is not None:
+        if selection.features is not None or selection.order is not None:
             embeds = embeds.clone()
-            embeds[kept_slots] = selection.features.to(device, embeds.dtype)
+            features = self.embeds[kept_slots] if selection.features is None else selection.features
+            if selection.order is not None:
+                features = features[selection.order.to(device)]
+            embeds[kept_slots] = features.to(device, embeds.dtype)
         order = keep_mask.nonzero().squeeze(1)
         new_index = torch.full((length,), -1, dtype=torch.long, device=device)
         new_index[order] = torch.arange(order.numel(), device=device)
-        return embeds[order], self.positions[:, order], new_index[kept_slots]
+        slot_of_entry = kept_slots
+        if selection.order is not None:  # entry order[j] sits in the j-th kept slot
+            slot_of_entry = torch.empty_like(kept_slots)
+            slot_of_entry[selection.order.to(device)] = kept_slots
+        positions = self.positions[:, order]
+        if selection.contiguous:
+            if positions.shape[0] != 1:
+                raise ConfigError("the contiguous position layout needs 1-D positions; this model uses M-RoPE")
+            positions = torch.arange(order.numel(), device=device)[None]
+        return embeds[order], positions, new_index[slot_of_entry]
+
+    def next_position_for(self, selection: Selection) -> int:
+        """Position of the first generated token after the prompt `keep(selection)` makes."""
+        if selection.contiguous:
+            return self.next_position - (self.visual_slots.numel() - len(selection))
+        return self.next_position
 
 
 @dataclass
@@ -124,6 +144,8 @@ class VideoLLMAdapter(ABC):
     default_template: str = ""
     # capabilities the runtime asks for instead of comparing family names:
     position_kind: str = "1d"  # "1d": one sequence index per token; "mrope": (t, h, w) rotary ids
+    # the authors' own version of a method for this family, used in its place (see `recipe`)
+    method_variants: dict[str, str] = {}
 
     @property
     def frames_per_unit(self) -> int:
@@ -181,6 +203,10 @@ class VideoLLMAdapter(ABC):
     def language_model(self) -> torch.nn.Module:
         return self.model.model.language_model
 
+    def recipe(self, name: str, retain: float | None = None, max_tokens: int | None = None) -> PruningRecipe:
+        """The pruning recipe `name` as it runs on this family (its `method_variants` applied)."""
+        return build_recipe(name, retain=retain, max_tokens=max_tokens, variants=self.method_variants)
+
     def prompt_ids(self, question: str) -> PromptIds:
         return build_prompt_ids(self.tokenizer, question, self.template)
 
@@ -219,7 +245,7 @@ class VideoLLMAdapter(ABC):
         a fresh cacher for this clip. The video carries the cacher's counters for this call."""
         cacher = cacher if cacher is not None else self.new_cacher(recipe)
         before = dataclasses.replace(cacher.stats) if cacher is not None else None
-        video = self.encode(frames, fps=fps, signals=recipe.requires | extra_signals, cacher=cacher)
+        video = self.encode(frames, fps=fps, signals=recipe.requires | recipe.optional | extra_signals, cacher=cacher)
         if cacher is not None:
             video.cacher_stats = cacher.stats.since(before)
         return video
@@ -346,7 +372,7 @@ class VideoLLMAdapter(ABC):
             hidden = self.forward_layers(embeds, positions, cache, inner)
             first = self.logits(hidden[-1])
         with timer("decode"):
-            out = greedy_decode(first, self.decoder_step(cache, positions.shape[0], layout.next_position),
+            out = greedy_decode(first, self.decoder_step(cache, positions.shape[0], layout.next_position_for(selection)),
                                 max_new_tokens, self.eos_ids)
         text = self.tokenizer.decode(out, skip_special_tokens=True).strip()
         kept = inner.kept if inner is not None else len(selection)

@@ -34,6 +34,8 @@ class Qwen25VLAdapter(VideoLLMAdapter):
     family = "qwen2_5_vl"
     default_template = QWEN_VL_CHAT_TEMPLATE
     position_kind = "mrope"
+    # FastVID's authors ship a separate Qwen2.5-VL algorithm (fastvid_qwen25vl/...modeling_qwen2_5_vl.py)
+    method_variants = {"fastvid": "fastvid_qwen"}
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, model_dir: str | Path | None = None,
                  prompt_template: str | None = None, eos_token: str | None = None) -> None:

@@ -151,7 +151,7 @@ class VLAPolicy:
         hidden = adapter.forward_layers(embeds, positions, cache, inner, tap)
         first = self.actions.first_id
         ids = greedy_decode(adapter.logits(hidden[-1]),
-                            adapter.decoder_step(cache, positions.shape[0], layout.next_position, tap),
+                            adapter.decoder_step(cache, positions.shape[0], layout.next_position_for(selection), tap),
                             self.actions.dims, allowed=slice(first, first + self.actions.bins))
         attention = tap.mean()
         recipe.observe_action(ctx, attention)

@@ -63,6 +63,8 @@ class PruningMethod(ABC):
     name: ClassVar[str]
     summary: ClassVar[str] = ""
     requires: ClassVar[frozenset[str]] = frozenset()
+    # side signals used when the adapter can provide them (a method must work without them)
+    optional: ClassVar[frozenset[str]] = frozenset()
     # "pre_llm": acts on the LLM-input visual tokens; "inner_llm": on hidden states at Config.layer
     stage: ClassVar[str] = "pre_llm"
 

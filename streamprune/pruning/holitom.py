@@ -29,7 +29,8 @@ Differences from the authors' code, all for the runtime's contract:
   contiguously, static tokens laid out in the window's first frame). Our runtime keeps the
   representative position of each output token: a static token (or static cluster) takes the
   position of its static centre in the window's FIRST frame; a contextual token takes its
-  centre's position.
+  centre's position. `layout: static_first` gives the authors' sequence instead: the kept static
+  tokens first, then the dynamic ones (each in index order), numbered 0..L'-1 (1-D positions only).
 - DPC-kNN ties are broken by index instead of U(0, 1e-6) noise (see `primitives`).
 - Execution, not results: every frame and window is handled in one batched pass on the tokens'
   device, with two host copies per call (the savings table for the sequential DP, and each
@@ -145,6 +146,7 @@ class HoliTom(PruningMethod):
         d: float = 0.0  # D: share of each frame's kept dynamic tokens given to DPC-kNN contextual tokens
         knn: int = 7  # K of DPC-kNN (capped at the number of centres, as in the code)
         max_window: int = 1024
+        layout: str = "original"  # or "static_first": the authors' sequence (static tokens, then dynamic)
 
         def __post_init__(self) -> None:
             if not 0.0 <= self.d <= 1.0:
@@ -153,6 +155,8 @@ class HoliTom(PruningMethod):
                 raise ConfigError(f"holitom beta must be in [0, 1], got {self.beta}")
             if self.knn < 1 or self.max_window < 1:
                 raise ConfigError("holitom knn and max_window must be >= 1")
+            if self.layout not in ("original", "static_first"):
+                raise ConfigError(f"holitom layout must be original or static_first, got {self.layout!r}")
 
     def select(self, tokens: VisualTokens, budget: Budget, ctx: PruneContext) -> Selection:
         cfg = self.config
@@ -184,10 +188,19 @@ class HoliTom(PruningMethod):
 
         n_dynamic = [hw - n_static[i] for i in window_of]
         keep, feats = self._dynamic_tokens(frames, attn, static, window_of, n_dynamic, frame_quota)
+        n_dynamic_kept = keep.numel()
         if any(static_quota):
             centres, merged = self._static_tokens(frames, static, segments, window_of, n_static, static_quota)
             keep, feats = torch.cat([keep, centres]), torch.cat([feats, merged])
-        return sorted_selection(keep, feats.to(tokens.features.dtype))
+        selection = sorted_selection(keep, feats.to(tokens.features.dtype))
+        if self.config.layout == "static_first":
+            # the authors' outer stage concatenates the static tokens, then the dynamic ones, each
+            # in index order, and the LLM numbers that sequence 0..L'-1
+            is_static = torch.arange(keep.numel(), device=keep.device) >= n_dynamic_kept
+            static_sorted = is_static[torch.argsort(keep)]  # in the selection's (index) order
+            selection.order = torch.argsort((~static_sorted).to(torch.int8), stable=True)
+            selection.contiguous = True
+        return selection
 
     def _dynamic_tokens(
         self, frames: torch.Tensor, attn: torch.Tensor, static: torch.Tensor, window_of: list[int],

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from streamprune.config import MethodConfig, from_dict, method_config, recipe_file
+from streamprune.config import MethodConfig, StageConfig, from_dict, method_config, recipe_file
 from streamprune.encode.cacher import CacherConfig
 from streamprune.errors import ConfigError
 from streamprune.pruning.base import Budget, PruneContext, PruningMethod
@@ -39,6 +40,11 @@ class PruningRecipe:
     def requires(self) -> frozenset[str]:
         """Vision-side signals the pre-LLM stages read."""
         return frozenset().union(*(m.requires for m in self.pre_llm)) if self.pre_llm else frozenset()
+
+    @property
+    def optional(self) -> frozenset[str]:
+        """Vision-side signals the pre-LLM stages use when the adapter can make them."""
+        return frozenset().union(*(m.optional for m in self.pre_llm)) if self.pre_llm else frozenset()
 
     def select(self, tokens: VisualTokens, ctx: PruneContext | None = None) -> Selection:
         """Run the pre-LLM stages; the result never exceeds the budget counted on `tokens`."""
@@ -88,12 +94,18 @@ def compose(first: Selection, second: Selection) -> Selection:
         features = first.features[second.indices]
     else:
         features = None
-    return Selection(indices=indices, features=features)
+    return Selection(indices=indices, features=features, contiguous=first.contiguous or second.contiguous,
+                     order=second.order)
 
 
-def build_recipe(name: str, retain: float | None = None, max_tokens: int | None = None) -> PruningRecipe:
+def build_recipe(name: str, retain: float | None = None, max_tokens: int | None = None,
+                 variants: Mapping[str, str] | None = None) -> PruningRecipe:
     """The recipe `name` (a configs/methods file or a registered method) with the given budget
-    (flags win over the file's default retain)."""
+    (flags win over the file's default retain). `variants` maps a method to the authors' own
+    version of it for the model at hand (an adapter's `method_variants`: FastVID on Qwen2.5-VL),
+    for the recipe's name and for each stage, whose options carry over."""
+    variants = variants or {}
+    name = variants.get(name, name)
     cfg: MethodConfig = method_config(name)
     budget = Budget(retain=retain if retain is not None else (cfg.retain if max_tokens is None else None),
                     max_tokens=max_tokens if max_tokens is not None else cfg.max_tokens)
@@ -101,6 +113,7 @@ def build_recipe(name: str, retain: float | None = None, max_tokens: int | None 
     registered = available()
     source = str(recipe_file(name) or f"method {name!r}")
     for i, stage in enumerate(cfg.stages):
+        stage = StageConfig(method=variants.get(stage.method, stage.method), options=stage.options)
         if stage.method in ENCODER_STAGES:
             recipe.encoder_options[stage.method] = checked_options(ENCODER_STAGES[stage.method], stage.options,
                                                                    source, f"stages[{i}].options")

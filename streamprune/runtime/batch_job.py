@@ -57,13 +57,12 @@ class ModelWorker:
         import torch
 
         from streamprune.models import load_model
-        from streamprune.pruning.recipe import build_recipe
 
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         self.settings = settings
-        self.recipe = build_recipe(settings.method, retain=settings.retain, max_tokens=settings.max_tokens)
         self.adapter = load_model(settings.model, settings.placement)
+        self.recipe = self.adapter.recipe(settings.method, retain=settings.retain, max_tokens=settings.max_tokens)
         self.label = _worker_label()
 
     def ready(self) -> str:

@@ -74,12 +74,14 @@ def _load(model: str | None, threads: int, adapter: Any = None, placement: Devic
     return adapter if adapter is not None else load_model(model, placement)
 
 
-def unit_recipe(method: str, retain: float | None, max_tokens: int | None) -> Any:
+def unit_recipe(method: str, retain: float | None, max_tokens: int | None,
+                variants: dict[str, str] | None = None) -> Any:
     """The pruning recipe applied to each unit: its encoder stage (STC-Cacher, warm across the
-    stream) and pre-LLM selectors; a stage inside the LLM has no prefill to act in here."""
+    stream) and pre-LLM selectors; a stage inside the LLM has no prefill to act in here.
+    `variants`: the model family's own versions of methods (`VideoLLMAdapter.method_variants`)."""
     from streamprune.pruning.recipe import build_recipe
 
-    recipe = build_recipe(method, retain=retain, max_tokens=max_tokens)
+    recipe = build_recipe(method, retain=retain, max_tokens=max_tokens, variants=variants)
     if recipe.inner_llm is not None:
         raise ConfigError(f"method {method!r} has a stage inside the LLM; live memory prunes each frame "
                           "before the LLM, so use a pre-LLM method (see `streamprune methods`)")
@@ -95,8 +97,8 @@ class EncodeStage:
                  placement: DeviceConfig | None = None) -> None:
         from streamprune.pruning.base import PruneContext
 
-        self.recipe = unit_recipe(method, retain, max_tokens)
         self.adapter = _load(model, threads, adapter, placement)
+        self.recipe = unit_recipe(method, retain, max_tokens, self.adapter.method_variants)
         self.ctx = PruneContext(seed=seed)
         # the stream's STC-Cacher lives here: a restarted actor starts cold
         self.cacher = self.adapter.new_cacher(self.recipe)
