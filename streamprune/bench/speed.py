@@ -232,14 +232,16 @@ def plot_speed(rows: list[SpeedRow], path: str | Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for method in dict.fromkeys(r.method for r in rows[1:]):
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12.5, 4.4))
+    colours = plt.get_cmap("tab20").colors
+    for i, method in enumerate(dict.fromkeys(r.method for r in rows[1:])):
         mine = sorted((r for r in rows if r.method == method), key=lambda r: r.visual_tokens_kept)
         line, = left.plot([r.visual_tokens_kept for r in mine], [r.prefill_speedup for r in mine], marker="o",
-                          label=method)
+                          label=method, color=colours[i % len(colours)])
         left.plot([r.visual_tokens_kept for r in mine], [1 / r.prefill_flops_ratio for r in mine], linestyle=":",
                   color=line.get_color(), linewidth=1)
-        right.plot([r.visual_tokens_kept for r in mine], [r.ttft_speedup for r in mine], marker="o", label=method)
+        right.plot([r.visual_tokens_kept for r in mine], [r.ttft_speedup for r in mine], marker="o", label=method,
+                   color=line.get_color())
     left.plot([], [], linestyle=":", color="gray", label="FLOPs ratio (dotted)")
     left.set_ylabel("prefill speed-up vs unpruned")
     right.set_ylabel("time-to-first-token speed-up")
@@ -247,7 +249,7 @@ def plot_speed(rows: list[SpeedRow], path: str | Path, title: str) -> None:
         axis.set_xlabel("visual tokens kept")
         axis.axhline(1.0, color="black", linewidth=0.8)
         axis.grid(alpha=0.3)
-    left.legend(fontsize=7)
+    left.legend(fontsize=7, ncol=2)
     fig.suptitle(title)
     fig.tight_layout()
     with output_file(path, "--plot") as tmp:

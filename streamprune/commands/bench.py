@@ -131,5 +131,6 @@ def run_speed(config: BenchSpeedConfig) -> int:
     if config.json:
         write_speed_json(rows, config.json, meta)
     if config.plot:
-        plot_speed(rows, config.plot, f"bench speed: {config.shape}, {config.frames} frames, {placement.describe()}")
+        plot_speed(rows, config.plot, f"bench speed: {config.shape}, {config.frames} frames, {placement.device} "
+                                      f"{dtype} {placement.attn}")
     return 0
