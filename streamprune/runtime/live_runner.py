@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -16,6 +17,7 @@ import numpy as np
 
 from streamprune.config import LiveConfig
 from streamprune.errors import InputError
+from streamprune.outputs import append_line, open_append
 from streamprune.runtime.live_stages import LiveAnswer, StageFailed, Stages, process_rss
 from streamprune.runtime.queues import DropOldestQueue
 from streamprune.sources.base import FrameSource
@@ -63,7 +65,8 @@ class LiveRunner:
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._progress = threading.Condition()
-        self._stats_file = open(stats_path, "a") if stats_path else None
+        self._stats_path = stats_path
+        self._stats_fd = open_append(stats_path, "--stats-json") if stats_path else None
         self._lat: list[float] = []
         self._last_sample = (time.monotonic(), 0)
         self._fps = config.fps or 30.0
@@ -88,9 +91,9 @@ class LiveRunner:
         for t in self._threads:
             t.join(timeout=30)
         self._write_stats()
-        if self._stats_file:
-            self._stats_file.close()
-            self._stats_file = None
+        if self._stats_fd is not None:
+            os.close(self._stats_fd)
+            self._stats_fd = None
 
     def wait_stream_end(self, timeout: float | None = None) -> bool:
         """Block until the source ended and every queued frame is in memory (or failed)."""
@@ -206,9 +209,9 @@ class LiveRunner:
         s.driver_rss_bytes = process_rss()
         s.source_dropped, s.source_malformed = self.source.stats.dropped, self.source.stats.malformed
         self._last_sample = (now, s.frames_processed)
-        if self._stats_file:
-            self._stats_file.write(json.dumps({"time": round(time.time(), 3), **asdict(s)}) + "\n")
-            self._stats_file.flush()
+        if self._stats_fd is not None:  # one line, on disk when written; a full disk ends the run in one line
+            append_line(self._stats_fd, json.dumps({"time": round(time.time(), 3), **asdict(s)}) + "\n",
+                        self._stats_path, "--stats-json")
 
     # -- questions -------------------------------------------------------------------------------
     def ask(self, question: str, at: float | None = None, timeout: float = 60.0) -> LiveAnswer:
