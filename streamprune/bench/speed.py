@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 from transformers import DynamicCache
 
-from streamprune.bench.accuracy import prefill_flops
+from streamprune.bench.accuracy import encoder_key, prefill_flops
 from streamprune.models.base import EncodedVideo, VideoLLMAdapter
 from streamprune.models.generate import greedy_decode
 from streamprune.models.placement import Placement
@@ -116,11 +116,6 @@ def time_video_decode(clip: np.ndarray, repeats: int, workdir: Path) -> float | 
     return statistics.median(times[1:])
 
 
-def encoder_key(recipe: PruningRecipe) -> tuple[str, frozenset[str]]:
-    """Recipes with equal encoder stages and side signals share one (timed) encoding."""
-    return json.dumps(recipe.encoder_options, sort_keys=True), recipe.requires
-
-
 @torch.inference_mode()
 def time_encode(adapter: VideoLLMAdapter, clip: np.ndarray, recipe: PruningRecipe, repeats: int, warmup: int = 1,
                 fps: float = 1.0) -> tuple[EncodedVideo, float]:
@@ -184,7 +179,7 @@ def run_speed_bench(adapter: VideoLLMAdapter, clip: np.ndarray, methods: list[st
     rows: list[SpeedRow] = []
     for method, retain in tqdm(plan, desc="bench speed", unit="row", disable=not progress):
         recipe = adapter.recipe(method, retain=retain)
-        key = encoder_key(recipe)
+        key = (encoder_key(recipe), recipe.requires)  # equal encoder stage and side signals: one timed encoding
         if key not in encodings:
             encodings[key] = time_encode(adapter, clip, recipe, repeats, warmup)
         video, encode_ms = encodings[key]

@@ -23,7 +23,7 @@ from streamprune.encode.cacher import CacherConfig, CacherStats
 from streamprune.errors import ConfigError
 from streamprune.models.generate import NextLogits, greedy_decode
 from streamprune.models.inner import InnerStage, attention_half, mlp_half
-from streamprune.models.prompt import PromptIds, build_prompt_ids
+from streamprune.models.prompt import PromptIds, build_prompt_ids, resolve_template
 from streamprune.pruning.base import PruneContext
 from streamprune.pruning.recipe import PruningRecipe, build_recipe
 from streamprune.types import Selection, VisualTokens
@@ -154,10 +154,13 @@ class VideoLLMAdapter(ABC):
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, model_dir: str | Path | None = None,
                  prompt_template: str | None = None, eos_token: str | None = None) -> None:
+        """`prompt_template` (the sidecar's) wins over the checkpoint's chat template, which wins
+        over the family's fixed format; see models.prompt."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_dir = Path(model_dir) if model_dir else None
-        self.template = prompt_template or self.default_template
+        self.template = (resolve_template(tokenizer, model_dir, model.config.video_token_id, prompt_template)
+                         or self.default_template)
         self.eos_ids = self._eos_ids(eos_token)
 
     # -- family specific -------------------------------------------------------------------------

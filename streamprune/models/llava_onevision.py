@@ -20,19 +20,13 @@ from streamprune.encode.families import STCCacher
 from streamprune.models.attention import received_attention
 from streamprune.models.base import EncodedVideo, PromptLayout, VideoLLMAdapter
 from streamprune.models.preprocess import SIGLIP_NORM, Normalisation, square_pixels, square_size
-from streamprune.models.prompt import QWEN_CHAT_TEMPLATE, PromptIds, resolve_template
+from streamprune.models.prompt import QWEN_CHAT_TEMPLATE, PromptIds
 from streamprune.types import VisualTokens
 
 
 class LlavaOnevisionAdapter(VideoLLMAdapter):
     family = "llava_onevision"
     default_template = QWEN_CHAT_TEMPLATE
-
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, model_dir: str | Path | None = None,
-                 prompt_template: str | None = None, eos_token: str | None = None) -> None:
-        """`prompt_template` (the sidecar's) wins over the checkpoint's chat template; see models.prompt."""
-        template = resolve_template(tokenizer, model_dir, model.config.video_token_id, prompt_template)
-        super().__init__(model, tokenizer, model_dir, template, eos_token)
 
     @property
     def _video_token_id(self) -> int:

@@ -21,7 +21,7 @@ from streamprune.encode.families import QwenSTCCacher
 from streamprune.models.attention import apply_rope, received_attention
 from streamprune.models.base import EncodedVideo, PromptLayout, VideoLLMAdapter
 from streamprune.models.preprocess import CLIP_NORM, Normalisation, qwen_pixel_limits, qwen_video_patches
-from streamprune.models.prompt import PromptIds, resolve_template
+from streamprune.models.prompt import PromptIds
 from streamprune.types import VisualTokens
 
 QWEN_VL_CHAT_TEMPLATE = (
@@ -36,12 +36,6 @@ class Qwen25VLAdapter(VideoLLMAdapter):
     position_kind = "mrope"
     # FastVID's authors ship a separate Qwen2.5-VL algorithm (fastvid_qwen25vl/...modeling_qwen2_5_vl.py)
     method_variants = {"fastvid": "fastvid_qwen"}
-
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, model_dir: str | Path | None = None,
-                 prompt_template: str | None = None, eos_token: str | None = None) -> None:
-        """`prompt_template` (the sidecar's) wins over the checkpoint's chat template; see models.prompt."""
-        template = resolve_template(tokenizer, model_dir, model.config.video_token_id, prompt_template)
-        super().__init__(model, tokenizer, model_dir, template, eos_token)
 
     @property
     def frames_per_unit(self) -> int:

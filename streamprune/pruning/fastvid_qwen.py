@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
-from streamprune.errors import ConfigError
 from streamprune.pruning.base import Budget, PruneContext, PruningMethod
 from streamprune.pruning.fastvid import (
     OPTIONAL_SIGNALS,
+    FastVID,
     AnchorPlan,
     ats_attention,
     dyseg_cuts,
@@ -70,22 +70,13 @@ class FastVIDQwen(PruningMethod):
     optional = OPTIONAL_SIGNALS
 
     @dataclass
-    class Config:
-        c: int = 8  # DySeg: c - 1 forced cuts at the lowest frame similarities
-        tau: float = 0.84  # DySeg: cut wherever consecutive-frame cosine < tau
-        ignore: float = 0.95  # collapse runs of frames whose cosine to the next is >= ignore (> 1: never)
-        d: float = 0.4  # share of each segment's budget given to density-merged context tokens
-        p: int = 4  # one anchor run every p runs, counted back from a segment's last run
-        beta: float = 0.6  # lower bound of the anchor's weight in the merge
-        knn: int = 4  # neighbours in the DPC-kNN density
-        # the authors' Qwen2.5-VL retention, for configs/methods/fastvid_qwen.yaml; the Budget passed wins
-        retain: float = 0.27
+    class Config(FastVID.Config):
+        """FastVID's options with the authors' Qwen2.5-VL defaults (scripts/eval.sh), plus `ignore`; here
+        `d` is a share of each segment's budget and `p` counts runs of frames, not frames."""
 
-        def __post_init__(self) -> None:
-            if self.c < 1 or self.p < 1 or self.knn < 1:
-                raise ConfigError(f"FastVID c, p, knn must be >= 1, got c={self.c} p={self.p} knn={self.knn}")
-            if not 0.0 <= self.d <= 1.0 or not 0.0 <= self.beta <= 1.0:
-                raise ConfigError(f"FastVID d and beta must be in [0, 1], got d={self.d} beta={self.beta}")
+        tau: float = 0.84
+        retain: float = 0.27
+        ignore: float = 0.95  # collapse runs of frames whose cosine to the next is >= ignore (> 1: never)
 
     def select(self, tokens: VisualTokens, budget: Budget, ctx: PruneContext) -> Selection:
         cfg = self.config
