@@ -56,7 +56,8 @@ def test_drop_oldest_queue_drops_the_oldest_and_counts():
 def test_question_attention_credited_to_memory_is_the_eager_last_query_row(tiny_model_dirs):
     from streamprune.models import load_adapter
     from streamprune.models.base import EncodedVideo
-    from streamprune.runtime.live_stages import EncodeStage, MemoryStage
+    from streamprune.runtime.live_stages import EncodeStage
+    from streamprune.runtime.memory_stage import MemoryStage
     from streamprune.types import Frame, VisualTokens
     from tests.tiny import random_clip
 
@@ -96,7 +97,7 @@ def eager_llava(tiny_model_dirs):
 def test_question_before_the_video_fills_the_prefix_and_incremental_kv_refuses_it(tiny_model_dirs):
     from streamprune.errors import ConfigError
     from streamprune.models import load_adapter
-    from streamprune.runtime.live_stages import MemoryStage
+    from streamprune.runtime.memory_stage import MemoryStage
 
     adapter = load_adapter(tiny_model_dirs["llava_onevision"])
     adapter.template = "question : {question} <video> answer :"
@@ -116,7 +117,8 @@ def _frames(n: int, start: int = 0, seed: int = 0):
 
 
 def test_incremental_kv_answers_and_credits_exactly_like_reprefill(eager_llava):
-    from streamprune.runtime.live_stages import EncodeStage, MemoryStage
+    from streamprune.runtime.live_stages import EncodeStage
+    from streamprune.runtime.memory_stage import MemoryStage
 
     encoder = EncodeStage(None, adapter=eager_llava)
     chunk = encoder.process(_frames(6), 10.0)
@@ -136,7 +138,8 @@ def test_incremental_kv_answers_and_credits_exactly_like_reprefill(eager_llava):
 
 
 def test_incremental_kv_drops_evicted_rows_and_keeps_the_rest_unchanged(eager_llava):
-    from streamprune.runtime.live_stages import EncodeStage, MemoryStage
+    from streamprune.runtime.live_stages import EncodeStage
+    from streamprune.runtime.memory_stage import MemoryStage
 
     encoder = EncodeStage(None, adapter=eager_llava)
     memory = MemoryConfig(kv_budget=96, recent_frames=2, static_tau=2.0)  # no merging: eviction only

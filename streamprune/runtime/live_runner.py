@@ -18,7 +18,8 @@ import numpy as np
 from streamprune.config import LiveConfig
 from streamprune.errors import InputError
 from streamprune.outputs import append_line, open_append
-from streamprune.runtime.live_stages import LiveAnswer, StageFailed, Stages, process_rss
+from streamprune.runtime.live_stages import StageFailed, Stages
+from streamprune.runtime.memory_stage import LiveAnswer, process_rss
 from streamprune.runtime.queues import DropOldestQueue
 from streamprune.sources.base import FrameSource
 from streamprune.types import Frame
