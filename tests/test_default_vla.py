@@ -67,16 +67,21 @@ def test_bench_robot_compares_methods_on_the_default_policy(tmp_path, capsys) ->
     from streamprune.cli import main
 
     out, plot = tmp_path / "robot.json", tmp_path / "robot.png"
-    assert main(["bench", "robot", "--methods", "vla_pruner,random", "--retain", "0.25", "--episodes", "3",
-                 "--json", str(out), "--plot", str(plot)]) == 0
+    assert main(["bench", "robot", "--methods", "vla_pruner,random,stc_vla_pruner", "--retain", "0.25",
+                 "--episodes", "3", "--num-envs", "2", "--json", str(out), "--plot", str(plot)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["method"], r["retain"]) for r in rows] == [("none", None), ("vla_pruner", 0.25), ("random", 0.25)]
+    assert [(r["method"], r["retain"]) for r in rows] == [("none", None), ("vla_pruner", 0.25), ("random", 0.25),
+                                                          ("stc_vla_pruner", 0.25)]
+    assert all(r["num_envs"] == 2 for r in rows)
     assert rows[0]["visual_tokens_kept"] == 64 and rows[2]["visual_tokens_kept"] == 16
+    # the cacher's rows carry its hit rate; the others have none
+    assert rows[3]["cacher_hit_rate"] > 0 and rows[1]["cacher_hit_rate"] is None
+    assert rows[3]["visual_tokens_kept"] == rows[1]["visual_tokens_kept"]
     # VLA-Pruner, as its authors' code, runs an episode's first 3 steps unpruned (PickColor episodes are short)
     assert 16 < rows[1]["visual_tokens_kept"] <= 64
     assert rows[0]["speedup"] == 1.0 and all(r["control_steps_per_s"] > 0 for r in rows)
     assert plot.stat().st_size > 10_000
-    assert "| vla_pruner | 0.25 |" in capsys.readouterr().out
+    assert "| vla_pruner | 0.25 | 2 |" in capsys.readouterr().out
 
 
 def test_default_vla_served_over_zmq_with_vla_pruner_reaches_held_out_targets(policy: VLAPolicy) -> None:

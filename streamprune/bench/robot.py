@@ -13,14 +13,15 @@ BENCH_WARMUP_STEPS = 5
 
 
 def compare_methods(policy: VLAPolicy, env_id: str, methods: list[str], retains: list[float], episodes: int,
-                    seed: int = 0, progress: bool = False) -> list[dict]:
-    """No pruning plus every method x retain, same episodes, one run; each row timed after a warm-up."""
+                    seed: int = 0, progress: bool = False, num_envs: int = 1) -> list[dict]:
+    """No pruning plus every method x retain, same episodes, one run; each row timed after a warm-up.
+    `num_envs` envs step together through the robot stage graph (one policy call per step)."""
     rows = [run_episodes(policy, env_id, build_recipe("none"), episodes, seed, progress=progress,
-                         warmup_steps=BENCH_WARMUP_STEPS)]
+                         warmup_steps=BENCH_WARMUP_STEPS, num_envs=num_envs)]
     for method in methods:
         for retain in retains:
             rows.append(run_episodes(policy, env_id, build_recipe(method, retain=retain), episodes, seed,
-                                     progress=progress, warmup_steps=BENCH_WARMUP_STEPS))
+                                     progress=progress, warmup_steps=BENCH_WARMUP_STEPS, num_envs=num_envs))
     base = rows[0]["control_steps_per_s"]
     for row in rows:
         row["speedup"] = row["control_steps_per_s"] / base if base else 0.0
@@ -61,11 +62,15 @@ def plot_robot(rows: list[dict], path: str | Path) -> None:
 
 
 def format_robot_table(rows: list[dict]) -> str:
-    lines = ["| method | retain | success | mean len | latency med ms | p95 ms | steps/s | speedup | tokens kept |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | retain | envs | success | mean len | step med ms | p95 ms | steps/s | speedup | tokens kept "
+             "| STC hits | vision FLOPs saved |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['retain'] if r['retain'] is not None else 1} | {r['success_rate']:.0%} | "
+        hits, saved = r.get("cacher_hit_rate"), r.get("vision_flops_saved_share")
+        lines.append(f"| {r['method']} | {r['retain'] if r['retain'] is not None else 1} | {r.get('num_envs', 1)} | "
+                     f"{r['success_rate']:.0%} | "
                      f"{r['mean_episode_length']:.1f} | {r['latency_ms_median']:.1f} | {r['latency_ms_p95']:.1f} | "
                      f"{r['control_steps_per_s']:.1f} | {r['speedup']:.2f} | "
-                     f"{r['visual_tokens_kept']:.0f}/{r['visual_tokens_in']:.0f} |")
+                     f"{r['visual_tokens_kept']:.0f}/{r['visual_tokens_in']:.0f} | "
+                     f"{'-' if hits is None else f'{hits:.0%}'} | {'-' if saved is None else f'{saved:.0%}'} |")
     return "\n".join(lines)

@@ -91,7 +91,7 @@ def run_robot(config: BenchRobotConfig) -> int:
     methods = _checked_methods(list(config.methods))
     policy = load_policy(config.model, config.placement)
     rows = compare_methods(policy, config.env, methods, list(config.retain), config.episodes,
-                           progress=sys.stderr.isatty())
+                           progress=sys.stderr.isatty(), num_envs=config.num_envs)
     print(format_robot_table(rows))
     if config.json:
         write_text(config.json, json.dumps({"policy": str(policy.adapter.model_dir), "env": config.env,

@@ -22,8 +22,10 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from streamprune.encode.cacher import CacherStats
 from streamprune.errors import ModelError
 from streamprune.models.attention import last_query_attention
+from streamprune.models.base import EncodedVideo
 from streamprune.models.generate import greedy_decode
 from streamprune.models.inner import InnerStage
 from streamprune.models.llava_onevision import LlavaOnevisionAdapter
@@ -31,6 +33,7 @@ from streamprune.models.placement import Placement
 from streamprune.models.prompt import read_sidecar
 from streamprune.pruning.base import PruneContext
 from streamprune.pruning.recipe import PruningRecipe
+from streamprune.types import VisualTokens
 
 ACTION_BINS = 256
 
@@ -66,6 +69,8 @@ class PolicyStep:
     visual_tokens_kept: int
     latency_ms: float
     action_attention: torch.Tensor  # [N] over the unpruned visual tokens (0 where pruned)
+    encode_ms: float = 0.0  # vision tower (this camera's share of a batched pass)
+    cacher: CacherStats | None = None  # what the episode's STC-Cacher did on this frame
 
 
 class ActionAttentionTap:
@@ -135,13 +140,43 @@ class VLAPolicy:
         recipe.start_stream(ctx)
         ctx.state.pop(ENCODER_KEY, None)
 
+    @staticmethod
+    def batches_vision(recipe: PruningRecipe) -> bool:
+        """Whether several cameras' images can share one vision-tower pass under `recipe`: not with
+        an encoder stage (an STC-Cacher reference belongs to one camera) nor with side signals
+        (some are computed over the whole clip)."""
+        return not recipe.encoder_options and not (recipe.requires | recipe.optional)
+
     @torch.inference_mode()
-    def act(self, image: np.ndarray, instruction: str, recipe: PruningRecipe, ctx: PruneContext) -> PolicyStep:
+    def encode_batch(self, images: np.ndarray, recipe: PruningRecipe) -> list[EncodedVideo]:
+        """`[N, H, W, 3]` images of N cameras -> one one-frame EncodedVideo each, from ONE pass of
+        the vision tower (the N images go through it as the frames of one clip; per-frame
+        preprocessing, encoding and pooling make each frame's tokens its own)."""
+        if not self.batches_vision(recipe):
+            raise ValueError(f"recipe {recipe.name!r} encodes each camera on its own (see batches_vision)")
+        video = self.adapter.encode_for(images, recipe, fps=1.0)
+        _, h, w = video.tokens.grid
+        per = h * w
+        out = []
+        for i in range(len(images)):
+            tokens = VisualTokens(features=video.tokens.features[i * per:(i + 1) * per],
+                                  thw=VisualTokens.grid_positions(1, h, w), grid=(1, h, w))
+            out.append(EncodedVideo(tokens=tokens, always_kept=video.always_kept, fps=1.0))
+        return out
+
+    @torch.inference_mode()
+    def act(self, image: np.ndarray, instruction: str, recipe: PruningRecipe, ctx: PruneContext,
+            video: EncodedVideo | None = None, encode_ms: float = 0.0) -> PolicyStep:
+        """One control step. `video`: the image already encoded (`encode_batch`, which took
+        `encode_ms` for this camera's share), else encoded here with the episode's STC-Cacher when
+        the recipe has one."""
         start = time.perf_counter()
         adapter = self.adapter
-        if ENCODER_KEY not in ctx.state:
-            ctx.state[ENCODER_KEY] = adapter.new_cacher(recipe)
-        video = adapter.encode_for(image[None], recipe, fps=1.0, cacher=ctx.state[ENCODER_KEY])
+        if video is None:
+            if ENCODER_KEY not in ctx.state:
+                ctx.state[ENCODER_KEY] = adapter.new_cacher(recipe)
+            video = adapter.encode_for(image[None], recipe, fps=1.0, cacher=ctx.state[ENCODER_KEY])
+            encode_ms = (time.perf_counter() - start) * 1000
         selection = recipe.select(video.tokens, ctx)
         layout = adapter.layout(video, adapter.prompt_ids(instruction))
         embeds, positions, kept_slots = layout.keep(selection)
@@ -158,7 +193,7 @@ class VLAPolicy:
         kept = inner.kept if inner is not None else len(selection)
         return PolicyStep(action=self.actions.to_action(ids), visual_tokens_in=len(video.tokens),
                           visual_tokens_kept=kept, latency_ms=(time.perf_counter() - start) * 1000,
-                          action_attention=attention)
+                          action_attention=attention, encode_ms=encode_ms, cacher=video.cacher_stats)
 
 
 def action_bins_needed(vocab_words: int, bins: int = ACTION_BINS) -> int:
