@@ -175,6 +175,16 @@ class RobotConfig:
     video_out: str | None = option(None, "write each episode as an MP4 into DIR", metavar="DIR")
     json: bool = option(False, "print one JSON object")
     placement: DeviceConfig = field(default_factory=DeviceConfig)
+    num_envs: int = option(1, "envs stepped together; one policy call per control step answers all of them "
+                              "(default 1)", parse=positive_int, metavar="N")
+    ray: bool = option(False, "run each env and the policy as Ray actors (a local Ray instance unless "
+                              "--ray-address)")
+    ray_address: str | None = option(None, "Ray cluster for the env and policy actors (implies --ray)",
+                                     metavar="auto|HOST:PORT")
+    target_latency_ms: float | None = option(None, "choose the retain ratio per step so a control step takes "
+                                                   "about T ms (measured; the choice is in the output)",
+                                             parse=positive_float, metavar="T")
+    threads: int = option(1, "torch threads of the policy actor under --ray (default 1)", parse=positive_int)
 
 
 @dataclass
@@ -226,11 +236,14 @@ class BenchRobotConfig:
 
     model: str = policy_option()
     env: str = option(DEFAULT_ENV, f"env id (default {DEFAULT_ENV})")
-    methods: list[str] = option(("vla_pruner", "fastv", "uniform", "random"), "comma-separated methods "
-                                "(default vla_pruner,fastv,uniform,random)", parse=name_list)
+    methods: list[str] = option(("vla_pruner", "stc_vla_pruner", "fastv", "uniform", "random"),
+                                "comma-separated methods (default vla_pruner,stc_vla_pruner,fastv,uniform,random; "
+                                "stc_vla_pruner = STC-Cacher on the camera + VLA-Pruner)", parse=name_list)
     retain: list[float] = option((0.5, 0.25, 0.1), "comma-separated budgets (default 0.5,0.25,0.1)",
                                  parse=retain_list)
     episodes: int = option(100, "episodes per row (default 100)", parse=positive_int)
+    num_envs: int = option(1, "envs stepped together, one policy call per control step (default 1)",
+                           parse=positive_int, metavar="N")
     placement: DeviceConfig = field(default_factory=DeviceConfig)
     json: str | None = option(None, "write the rows as JSON", metavar="FILE")
     plot: str | None = option(None, "plot success and control steps/s against retain", metavar="FILE.png")
