@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import torch
 
 from streamprune.errors import ConfigError
+from streamprune.pruning.online import OnlineCutRule
 from streamprune.types import Selection, VisualTokens
 
 
@@ -85,6 +86,11 @@ class PruningMethod(ABC):
     def observe_action(self, ctx: PruneContext, action_attention: torch.Tensor) -> None:
         """Feedback after a control step: the action tokens' attention `[N]` to the unpruned visual
         tokens (0 where pruned). Methods that rank by past actions (VLA-Pruner) record it."""
+
+    def online_cuts(self) -> OnlineCutRule | None:
+        """Where this method cuts a stream arriving one unit at a time (pruning/online.py), for the
+        runtime's segmenter; None (the default): no temporal rule, every unit is its own segment."""
+        return None
 
     def __call__(self, tokens: VisualTokens, budget: Budget, ctx: PruneContext | None = None) -> Selection:
         missing = [k for k in self.requires if k not in tokens.signals and k not in tokens.frame_signals]

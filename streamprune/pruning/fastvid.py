@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from streamprune.errors import ConfigError, InputError
 from streamprune.pruning.base import Budget, PruneContext, PruningMethod, sorted_selection
+from streamprune.pruning.online import DySegThresholdCuts
 from streamprune.pruning.primitives import (
     anchor_merge,
     dpc_knn_score,
@@ -168,6 +169,10 @@ class FastVID(PruningMethod):
         plan = AnchorPlan(segments, n, n_salient, groups)
         return prune(feats, x, ats_attention(tokens).reshape(t, n).float(), plan, cfg.knn, cfg.beta,
                      exclude_own_anchors=False, anchors_by_index=False)
+
+    def online_cuts(self) -> DySegThresholdCuts:
+        """DySeg's threshold cuts (cos < tau) on a stream; the c - 1 forced cuts need the whole clip."""
+        return DySegThresholdCuts(tau=self.config.tau)
 
 
 class AnchorPlan:

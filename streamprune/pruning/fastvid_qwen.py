@@ -20,6 +20,7 @@ from streamprune.pruning.fastvid import (
     prune,
     segments_from_cuts,
 )
+from streamprune.pruning.online import DySegThresholdCuts
 from streamprune.pruning.primitives import spread_counts
 from streamprune.pruning.registry import register
 from streamprune.types import Selection, VisualTokens
@@ -90,6 +91,11 @@ class FastVIDQwen(PruningMethod):
         plan = qwen_plan(segments, breaks, spread_counts(budget.count(t * n), t), n, cfg)
         return prune(feats, x, ats_attention(tokens).reshape(t, n).float(), plan, cfg.knn, cfg.beta,
                      exclude_own_anchors=True, anchors_by_index=True)
+
+    def online_cuts(self) -> DySegThresholdCuts:
+        """DySeg's threshold cuts (cos < tau) on a stream, as `FastVID.online_cuts`; the
+        near-duplicate collapse (`ignore`) acts inside each closed segment, in `select`."""
+        return DySegThresholdCuts(tau=self.config.tau)
 
 
 def qwen_plan(segments: list[tuple[int, int]], breaks: list[bool], per_frame: list[int], n: int,

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 
 from streamprune.errors import ConfigError, InputError
 from streamprune.pruning.base import Budget, PruneContext, PruningMethod, sorted_selection
+from streamprune.pruning.online import HoliTomWindowCuts
 from streamprune.pruning.primitives import (
     anchor_merge,
     dpc_knn_cluster,
@@ -201,6 +202,10 @@ class HoliTom(PruningMethod):
             selection.order = torch.argsort((~static_sorted).to(torch.int8), stable=True)
             selection.contiguous = True
         return selection
+
+    def online_cuts(self) -> HoliTomWindowCuts:
+        """The DP windows on a stream: run over the open buffer, all but its last window closed."""
+        return HoliTomWindowCuts(tau=self.config.tau, max_window=self.config.max_window)
 
     def _dynamic_tokens(
         self, frames: torch.Tensor, attn: torch.Tensor, static: torch.Tensor, window_of: list[int],
