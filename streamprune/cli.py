@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from streamprune import config as configs
 from streamprune.cliargs import OneLineParser, add_config_arguments, config_from_args
+from streamprune.config.commands import BenchLiveConfig
 from streamprune.errors import StreampruneError
 
 EPILOG = "exit codes: 0 ok, 2 bad input or usage, 3 batch finished with failures, 130 interrupted"
@@ -57,6 +58,8 @@ BENCHES: dict[str, Command] = {
                         help="every method at every budget, in one run, on the held-out set"),
     "decode": Command(configs.BenchDecodeConfig, "streamprune.commands.bench", "run_decode",
                       help="our PyAV decoding vs `ffmpeg -i FILE -f null -`"),
+    "live": Command(BenchLiveConfig, "streamprune.commands.bench", "run_live",
+                    help="a real-time stream per method: sustained fps, answer latency, drops, memory"),
     "robot": Command(configs.BenchRobotConfig, "streamprune.commands.bench", "run_robot",
                      help="success and control rate per method x budget"),
     "speed": Command(configs.BenchSpeedConfig, "streamprune.commands.bench", "run_speed",

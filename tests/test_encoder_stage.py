@@ -88,10 +88,10 @@ def test_live_encoder_stage_keeps_its_stream_cacher_warm_across_batches(tiny_ada
     assert stage.cacher.stats.cache_hits >= 3
 
 
-def test_live_still_refuses_a_stage_inside_the_llm():
+def test_live_refuses_a_method_that_needs_action_feedback():
     from streamprune.errors import ConfigError
     from streamprune.runtime.live_stages import unit_recipe
 
     assert unit_recipe("stc", None, None).encoder_options
-    with pytest.raises(ConfigError, match="inside the LLM"):
+    with pytest.raises(ConfigError, match="action attention"):
         unit_recipe("vla_pruner", 0.5, None)

@@ -170,14 +170,15 @@ def test_incremental_kv_merge_averages_keys_and_values_with_the_merge_weights(ea
     assert torch.equal(layer.keys[0, :, 2], k[:, 2])
 
 
-def test_inner_llm_methods_and_missing_models_are_refused_before_any_actor_starts(tmp_path):
+def test_unknown_methods_and_missing_models_are_refused_before_any_actor_starts(tmp_path):
     from streamprune.errors import ConfigError, ModelError
     from streamprune.models import check_model
     from streamprune.runtime.live_stages import unit_recipe
 
-    with pytest.raises(ConfigError, match="inside the LLM"):
-        unit_recipe("fastv", 0.5, None)
+    with pytest.raises(ConfigError):
+        unit_recipe("no_such_method", 0.5, None)
     assert unit_recipe("visionzip", 0.5, None).pre_llm
+    assert unit_recipe("fastv", 0.5, None).inner_llm is not None  # runs at answer time (MemoryStage)
     with pytest.raises(ModelError, match="no config.json"):
         check_model(str(tmp_path / "missing"))
 

@@ -1,4 +1,4 @@
-"""`streamprune bench accuracy | decode | robot`: measurements in one run, as tables, JSON and plots."""
+"""`streamprune bench accuracy | decode | live | robot | speed`: measurements in one run, as tables, JSON and plots."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 
 from streamprune.config import (CONFIG_DIR, BenchAccuracyConfig, BenchDecodeConfig, BenchRobotConfig, BenchSpeedConfig,
                                 method_config)
+from streamprune.config.commands import BenchLiveConfig
 from streamprune.errors import ConfigError, InputError
 from streamprune.outputs import check_output, write_text
 
@@ -133,4 +134,51 @@ def run_speed(config: BenchSpeedConfig) -> int:
     if config.plot:
         plot_speed(rows, config.plot, f"bench speed: {config.shape}, {config.frames} frames, {placement.device} "
                                       f"{dtype} {placement.attn}")
+    return 0
+
+
+def run_live(config: BenchLiveConfig) -> int:
+    _check_outputs(config)
+    import torch
+
+    from streamprune.bench.live import check_source, format_live_table, plot_live, run_live_bench, write_live_json
+    from streamprune.config.fields import question_text
+    from streamprune.models import resolve_placement
+
+    config.question = question_text(config.question, "--question")
+    methods = list(dict.fromkeys(_methods(config.methods)))
+    if list(config.methods) == ["all"]:
+        methods = ["none", *methods]
+    check_source(config.source)
+    placement = resolve_placement(config.placement)
+    ray, started_ray = bool(config.ray or config.ray_address), False
+    if ray:
+        from streamprune.runtime.ray_connect import init_ray
+
+        started_ray = init_ray(config.ray_address, include_dashboard=False, log_to_driver=False)
+    try:
+        rows = run_live_bench(config, methods, ray=ray, progress=sys.stderr.isatty())
+    finally:
+        if started_ray:
+            import ray as ray_module
+
+            ray_module.shutdown()
+    dtype = str(placement.dtype).removeprefix("torch.") if placement.dtype is not None else "checkpoint"
+    print(f"{config.source}: {config.seconds:g} s per method after {config.warmup:g} s warm-up, target "
+          f"{config.fps:g} fps, a question every {config.question_every:g} s, kv budget "
+          f"{config.memory.kv_budget}, {placement.describe()}{', Ray actors' if ray else ''}")
+    print(format_live_table(rows))
+    meta = {"source": config.source, "seconds": config.seconds, "warmup": config.warmup, "fps": config.fps,
+            "question": config.question, "question_every": config.question_every,
+            "kv_budget": config.memory.kv_budget, "window": config.memory.recent_frames, "model": config.model,
+            "retain": config.retain, "max_new_tokens": config.max_new_tokens, "threads": config.threads,
+            "ray": ray, "device": str(placement.device), "dtype": dtype, "attn": config.placement.attn,
+            "machine": _machine(),
+            "gpu": torch.cuda.get_device_name(placement.device) if placement.is_cuda else None,
+            "torch": torch.__version__}
+    if config.json:
+        write_live_json(rows, config.json, meta)
+    if config.plot:
+        plot_live(rows, config.plot, f"bench live: {config.source}, {config.seconds:g} s per method, "
+                                     f"{placement.describe()}")
     return 0

@@ -5,6 +5,9 @@ zmq frame stream).
     what moves?
     @30 what colour is the square?      (waits until the stream reaches 30 s)
 
+Frames go through the stage graph (runtime/live_stages.py): the vision tower with the recipe's
+STC-Cacher, online temporal segments (FastVID, HoliTom) pruned whole when they close, the memory,
+and the LLM with the recipe's inner-LLM stage (FastV, HoliTom inner, FrameFusion) at answer time.
 Questions are read from stdin, one per line, at any time while the stream runs; each answer is
 printed as `[t=12.40s] answer` with the stream time of the newest frame it saw (and, with -v, the
 span of stream the memory covered). The run ends at stdin EOF once every question is answered;
@@ -113,8 +116,9 @@ def run(config: LiveConfig) -> int:
             raise runner.error
         raise RuntimeError(f"live stream failed: {runner.error}") from runner.error
     s = runner.stats
-    log.info("frames in %d, processed %d, dropped %d; memory %d tokens", s.frames_in, s.frames_processed,
-             s.frames_dropped, s.tokens)
+    log.info("frames in %d, processed %d, dropped %d; memory %d tokens; %d segments closed; STC-Cacher hits "
+             "%d/%d (vision FLOPs saved %.0f%%)", s.frames_in, s.frames_processed, s.frames_dropped, s.tokens,
+             s.segments_closed, s.cacher_hits, s.cacher_frames, 100 * s.vision_flops_saved_share)
     errors = [f.exception() for f in answers if f.exception() is not None]  # each reported as it happened
     if rejected or any(isinstance(e, StreampruneError) for e in errors):
         return EXIT_USAGE

@@ -144,6 +144,13 @@ class LiveConfig:
     max_new_tokens: int = option(16, "answer length cap (default 16)", parse=positive_int, metavar="K")
     threads: int = option(1, "torch threads per stage (default 1)", parse=positive_int)
     seed: int = seed_option()
+    max_segment_units: int = option(8, "longest temporal segment (FastVID/HoliTom) before it is closed and "
+                                       "pruned; its frames reach the memory then (default 8 units)",
+                                    flags=("--max-segment",), parse=positive_int, metavar="UNITS")
+    target_latency_ms: float | None = option(None, "answer deadline: each answer keeps the share of memory "
+                                                   "tokens (highest A2SF score) that measured answer times say "
+                                                   "fits in T ms; the choice is in the answer line",
+                                             parse=positive_float, metavar="T")
     batch_frames: int = 8
     drop_oldest: bool = True
 
@@ -247,6 +254,56 @@ class BenchRobotConfig:
     placement: DeviceConfig = field(default_factory=DeviceConfig)
     json: str | None = option(None, "write the rows as JSON", metavar="FILE")
     plot: str | None = option(None, "plot success and control steps/s against retain", metavar="FILE.png")
+
+
+def _seconds_or_zero(text: object) -> float:
+    """0 (none) or a positive number of seconds."""
+    try:
+        if float(str(text).strip()) == 0.0:
+            return 0.0
+    except ValueError:
+        pass
+    return positive_float(text)
+
+
+@dataclass
+class BenchLiveConfig:
+    """`streamprune bench live`: one stream played in real time for a fixed span per method, one
+    method after another in one run: sustained fps into memory, answer latency p50/p99 of questions
+    asked at a fixed interval, frames dropped, tokens and KV bytes of the memory, and every other
+    counter the live runner keeps (STC-Cacher hit rate, ...); fps and p50 also relative to none."""
+
+    source: str = option("synthetic:width=320,height=240,fps=30,scene_every=90",
+                         "file:PATH (played in real time, looped), synthetic:[k=v,...], camera:N, rtsp://..., "
+                         "zmq://HOST:PORT (default synthetic:width=320,height=240,fps=30,scene_every=90)",
+                         metavar="SOURCE")
+    seconds: float = option(20.0, "measured seconds of stream per method (default 20)", parse=positive_float,
+                            metavar="S")
+    warmup: float = option(2.0, "seconds per method after the first frame reaches the memory and before the "
+                                "measured span (default 2; 0 for none)", parse=_seconds_or_zero, metavar="S")
+    methods: list[str] = option(("none", "stc", "fastvid", "visionzip"), "comma-separated methods or 'all' "
+                                "(default none,stc,fastvid,visionzip; ratios are against none when it runs)",
+                                parse=name_list)
+    retain: float | None = retain_option()
+    question: str = option("which shape appeared last ?", "the question asked again and again",
+                           flags=("--question", "-q"))
+    question_every: float = option(2.0, "seconds between questions (asked one at a time from a thread; a "
+                                        "slow answer delays the next) (default 2)", parse=positive_float,
+                                   metavar="S")
+    fps: float = option(2.0, "frames per second of stream taken into memory (default 2)", parse=positive_float)
+    model: str = model_option()
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    max_new_tokens: int = option(16, "answer length cap (default 16)", parse=positive_int, metavar="K")
+    threads: int = option(1, "torch threads per stage (default 1)", parse=positive_int)
+    seed: int = seed_option()
+    ray: bool = option(False, "run the stages as Ray actors (default: threads in this process, like "
+                              "`live --no-ray`)")
+    ray_address: str | None = option(None, "Ray cluster for the stage actors (implies --ray)",
+                                     metavar="auto|HOST:PORT")
+    placement: DeviceConfig = field(default_factory=DeviceConfig)
+    json: str | None = option(None, "write the rows and run metadata as JSON", metavar="FILE")
+    plot: str | None = option(None, "bar charts per method: fps, answer p50/p99, frames dropped, tokens",
+                              metavar="FILE.png")
 
 
 def speed_shapes() -> list[str]:

@@ -7,9 +7,12 @@ stream times it covers, a merge weight and an eviction score. New frames arrive 
 the per-frame budget by the configured method. When the store is over budget:
 
 1. The last `recent_frames` units stay untouched, at the detail the per-frame method gave them.
-2. Older units are compressed: FastVID's DySeg (`streamprune.pruning.fastvid.dyseg`, c=1, i.e.
-   pure threshold cuts, tau 0.9) splits them into runs of similar frames by the cosine of
-   consecutive frame-mean features; inside a run, tokens at the same (h, w) whose cosine to the
+2. Older units are compressed along temporal segments. Where the recipe has a temporal method,
+   the segments are that method's own, closed online by the encoder stage (FastVID's DySeg or
+   HoliTom's windows, `streamprune.runtime.segmenter`), so the memory never merges across a cut
+   the method made. Otherwise FastVID's DySeg (`streamprune.pruning.fastvid.dyseg`, c=1, i.e.
+   pure threshold cuts, tau 0.9) splits old units into runs of similar frames by the cosine of
+   consecutive frame-mean features. Inside a segment, tokens at the same (h, w) whose cosine to the
    run's earliest token there exceeds HoliTom's tau (0.8) are averaged into it (HoliTom's static
    averaging, weighted by how many tokens each already holds; the merged score is the sum of
    theirs, the attention they drew). HoliTom calls a position static when every consecutive pair
@@ -56,7 +59,8 @@ class MemoryUnit:
     """One encoded unit (1 frame, or a Qwen2.5-VL temporal patch) after per-frame pruning.
 
     features `[n, D]`, hw `[n, 2]` long grid positions, frame = stream index of the unit's first
-    frame, timestamp its stream time in seconds, arrived = monotonic time it entered the pipeline.
+    frame, timestamp its stream time in seconds, arrived = monotonic time it entered the pipeline,
+    segment = id of the encoder's temporal segment (None: the memory segments old frames itself).
     """
 
     features: torch.Tensor
@@ -65,6 +69,7 @@ class MemoryUnit:
     timestamp: float
     arrived: float = 0.0
     tokens_before_pruning: int = 0
+    segment: int | None = None  # the encoder's closed segment (online FastVID/HoliTom) it belongs to
 
 
 @dataclass
@@ -140,7 +145,7 @@ class StreamingMemory:
     def _allocate(self, capacity: int) -> None:
         n = self.n
         old = (self.features[:n], self.thw[:n], self.t_end[:n], self.ts[:n], self.ts_end[:n],
-               self.weight[:n], self.score[:n], self.uid[:n]) if self._capacity else None
+               self.weight[:n], self.score[:n], self.uid[:n], self.segment[:n]) if self._capacity else None
         self.features = torch.zeros(capacity, self.dim)
         self.thw = torch.zeros(capacity, 3, dtype=torch.long)
         self.t_end = torch.zeros(capacity, dtype=torch.long)
@@ -149,9 +154,10 @@ class StreamingMemory:
         self.weight = torch.zeros(capacity)
         self.score = torch.zeros(capacity, dtype=torch.float64)
         self.uid = torch.zeros(capacity, dtype=torch.long)
+        self.segment = torch.full((capacity,), -1, dtype=torch.long)
         if old is not None:
             for dst, src in zip((self.features, self.thw, self.t_end, self.ts, self.ts_end,
-                                 self.weight, self.score, self.uid), old):
+                                 self.weight, self.score, self.uid, self.segment), old):
                 dst[:n] = src
         self._capacity = capacity
 
@@ -192,6 +198,7 @@ class StreamingMemory:
             self.weight[s] = 1.0
             self.score[s] = (1.0 / self.config.kv_budget) / self._scale
             self.uid[s] = torch.arange(self._next_uid, self._next_uid + k)
+            self.segment[s] = -1 if unit.segment is None else unit.segment
             self._next_uid += k
             self.n += k
             self.units += 1
@@ -236,12 +243,16 @@ class StreamingMemory:
         frame_ids, frame_of = torch.unique_consecutive(frames, return_inverse=True)
         if frame_ids.numel() < 2:
             return
-        sums = torch.zeros(frame_ids.numel(), self.dim).index_add_(0, frame_of, feats * self.weight[idx, None])
-        segments = dyseg(sums, c=1, tau=self.config.segment_tau)
-        seg_of_frame = torch.zeros(frame_ids.numel(), dtype=torch.long)
-        for s, (a, b) in enumerate(segments):
-            seg_of_frame[a:b] = s
-        seg = seg_of_frame[frame_of]
+        given = self.segment[idx]
+        if bool((given >= 0).all()):  # the encoder's temporal method segmented these frames
+            seg = given
+        else:
+            sums = torch.zeros(frame_ids.numel(), self.dim).index_add_(0, frame_of, feats * self.weight[idx, None])
+            segments = dyseg(sums, c=1, tau=self.config.segment_tau)
+            seg_of_frame = torch.zeros(frame_ids.numel(), dtype=torch.long)
+            for s, (a, b) in enumerate(segments):
+                seg_of_frame[a:b] = s
+            seg = seg_of_frame[frame_of]
         h, w = self.thw[idx, 1], self.thw[idx, 2]
         width = int(w.max()) + 1
         key = (seg * (int(h.max()) + 1) + h) * width + w
@@ -287,7 +298,8 @@ class StreamingMemory:
         m = idx.numel()
         if self.listener is not None:
             self.listener.compacted(idx)
-        for buf in (self.features, self.thw, self.t_end, self.ts, self.ts_end, self.weight, self.score, self.uid):
+        for buf in (self.features, self.thw, self.t_end, self.ts, self.ts_end, self.weight, self.score, self.uid,
+                    self.segment):
             buf[:m] = buf[idx]
         self.n = m
 

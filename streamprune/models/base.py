@@ -1,9 +1,6 @@
 """What every Video-LLM adapter does, family-independent: lay out the prompt, drop pruned visual
-tokens while each survivor keeps its original position, prefill a KV cache, generate.
-
-A family file (llava_onevision.py, qwen2_5_vl.py) only says how frames become visual tokens and
-what positions the unpruned prompt has; everything after that is here, so both families prune,
-prefill and decode through the same code.
+tokens while each survivor keeps its original position, prefill a KV cache, generate. A family
+file only says how frames become visual tokens and what positions the prompt has.
 """
 
 from __future__ import annotations
@@ -185,6 +182,16 @@ class VideoLLMAdapter(ABC):
     @abstractmethod
     def layout(self, video: EncodedVideo, prompt: PromptIds) -> PromptLayout:
         """The unpruned prompt with its original positions."""
+
+    def memory_layout(self, features: torch.Tensor, hw: torch.Tensor, seconds: torch.Tensor, newline: torch.Tensor,
+                      prompt: PromptIds, grid: tuple[int, int] | None = None) -> PromptLayout:
+        """The prompt around a live memory's tokens (not one clip: pruned, merged, evicted).
+        features `[M, D]` in time order, hw `[M, 2]`, seconds `[M]` since the stream began, newline
+        `[E, D]`, grid one unpruned unit's (h, w) (None: the extent of `hw`). This default is for
+        1-D positions (contiguous in time order); families whose positions encode time override it."""
+        m = features.shape[0]
+        tokens = VisualTokens(features=features, thw=VisualTokens.grid_positions(1, 1, m), grid=(1, 1, m))
+        return self.layout(EncodedVideo(tokens=tokens, always_kept=newline, fps=1.0), prompt)
 
     @abstractmethod
     def reference_inputs(self, frames: np.ndarray, question: str, fps: float = 1.0) -> dict[str, torch.Tensor]:

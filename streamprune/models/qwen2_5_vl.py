@@ -4,10 +4,13 @@
 Every visual token's three position ids come from the model's own `get_rope_index` on the
 unpruned prompt; pruning only removes columns, so a kept token's (t, h, w) rotary angles are
 exactly those it had unpruned, and generated text continues from the unpruned prompt's end.
+A live memory is no clip get_rope_index could lay out (its units need not be evenly spaced), so
+`memory_layout` rebuilds the same ids from each token's unit time and grid position.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -122,6 +125,57 @@ class Qwen25VLAdapter(VideoLLMAdapter):
         slots = start + torch.arange(n, device=self.device)
         return PromptLayout(embeds=embeds, positions=positions, visual_slots=slots,
                             next_position=int(positions.max()) + 1)
+
+    def memory_layout(self, features: torch.Tensor, hw: torch.Tensor, seconds: torch.Tensor, newline: torch.Tensor,
+                      prompt: PromptIds, grid: tuple[int, int] | None = None) -> PromptLayout:
+        """A live memory's tokens at the (t, h, w) ids `get_rope_index` gives a clip, so its M-RoPE
+        sees time and space as it does offline: t = start + `.long()` of the unit's seconds times
+        `tokens_per_second` (get_rope_index's patch index x seconds per patch x tokens_per_second,
+        with the stream time standing in for the first two: units need not be evenly spaced), h and
+        w = start + grid position; the text after the video resumes where get_rope_index resumes it
+        for the unpruned clip reaching the memory's last unit (`_text_start`). Qwen2.5-VL has no
+        always-kept visual tokens."""
+        if newline.numel():
+            raise ValueError("Qwen2.5-VL has no always-kept visual tokens")
+        n = features.shape[0]
+        ids, _ = self._ids(prompt, n)
+        start = len(prompt.prefix)
+        hw = hw.to(self.device)
+        if grid is None:
+            grid = tuple((hw.max(dim=0).values + 1).tolist()) if n else (1, 1)
+        temporal = (seconds.double() * self._vision.tokens_per_second).long().to(self.device)
+        visual = start + torch.stack([temporal, hw[:, 0], hw[:, 1]])
+        resume = self._text_start(start, int(temporal.max()) if n else 0, *grid)
+        positions = torch.cat([
+            torch.arange(start, device=self.device).expand(3, -1),
+            visual,
+            resume + torch.arange(len(prompt.suffix), device=self.device).expand(3, -1),
+        ], dim=1)
+        embeds = self.embed_ids(ids)
+        embeds[start:start + n] = features.to(embeds.device, embeds.dtype)
+        return PromptLayout(embeds=embeds, positions=positions, visual_slots=start + torch.arange(n, device=self.device),
+                            next_position=int(positions.max()) + 1)
+
+    def _text_start(self, start: int, last_t: int, height: int, width: int) -> int:
+        """Position of the first text token after a video whose ids start at `start`, with temporal
+        ids up to start + `last_t` over a height x width token grid. Qwen's rule (transformers up to
+        5.2) is 1 + the video's largest id, time included; transformers 5.3 resumes after the
+        spatial extent alone. Which one the installed get_rope_index follows is asked of it once,
+        so the live answer's text positions are the offline layout's under either."""
+        spatial = start + max(height, width)
+        return max(spatial, start + last_t + 1) if self._text_follows_time else spatial
+
+    @functools.cached_property
+    def _text_follows_time(self) -> bool:
+        # two temporal patches of one token, 100 s apart: the text resumes at 1 (spatial) or later
+        m = self._vision.spatial_merge_size
+        ids, types = self._ids(PromptIds(prefix=[], suffix=[self.model.config.vision_end_token_id]), 2)
+        positions, _ = self.model.model.get_rope_index(
+            torch.tensor([ids], device=self.device), mm_token_type_ids=types,
+            video_grid_thw=torch.tensor([[2, m, m]], device=self.device),
+            second_per_grid_ts=torch.tensor([100.0], device=self.device),
+        )
+        return int(positions[0, 0, -1]) > 1
 
     def reference_inputs(self, frames: np.ndarray, question: str, fps: float = 1.0) -> dict[str, torch.Tensor]:
         patches, grid_thw = self.patches(frames)

@@ -68,6 +68,8 @@ class PruningMethod(ABC):
     optional: ClassVar[frozenset[str]] = frozenset()
     # "pre_llm": acts on the LLM-input visual tokens; "inner_llm": on hidden states at Config.layer
     stage: ClassVar[str] = "pre_llm"
+    # True for methods whose rule needs the action attention of control steps (`observe_action`)
+    needs_action_feedback: ClassVar[bool] = False
 
     @dataclass
     class Config:

@@ -117,6 +117,7 @@ class VLAPruner(PruningMethod):
     summary = "inside the LLM at layer K: semantic top-k U temporally smoothed action top-k, then max-min diversity"
     requires = frozenset({"llm_attention_mean", "input_embeds"})
     stage = "inner_llm"
+    needs_action_feedback = True
 
     @dataclass
     class Config:

@@ -49,6 +49,21 @@ class LiveStats:
     evicted: int = 0
     source_dropped: int = 0
     source_malformed: int = 0
+    segments_closed: int = 0  # temporal segments the encoder closed and pruned
+    open_units: int = 0  # units waiting in the open segment
+    cacher_frames: int = 0  # frames through the STC-Cacher (0 without one)
+    cacher_hits: int = 0  # of which served by its selective path
+    cacher_hit_rate: float = 0.0
+    cacher_scene_cuts: int = 0  # full refreshes forced by a scene cut
+    vision_flops_saved_share: float = 0.0
+    encode_ms_p50: float = 0.0  # vision tower per encoder call, over the last interval
+    encode_ms_p99: float = 0.0
+    select_ms_p50: float = 0.0  # segmenting + pre-LLM selection per call
+    select_ms_p99: float = 0.0
+    answers: int = 0
+    answer_ms_p50: float = 0.0  # over the run
+    answer_ms_p99: float = 0.0
+    answer_retain: float = 1.0  # share of memory tokens the last answer used (--target-latency-ms)
 
 
 class LiveRunner:
@@ -69,6 +84,15 @@ class LiveRunner:
         self._stats_path = stats_path
         self._stats_fd = open_append(stats_path, "--stats-json") if stats_path else None
         self._lat: list[float] = []
+        self._stage_ms: dict[str, list[float]] = {"encode": [], "select": []}
+        self._answer_ms: list[float] = []
+        self._flops = [0.0, 0.0]  # full, spent
+        self._ask_lock = threading.Lock()
+        self.controller = None
+        if config.target_latency_ms is not None:
+            from streamprune.runtime.latency import RetainController
+
+            self.controller = RetainController(config.target_latency_ms)
         self._last_sample = (time.monotonic(), 0)
         self._fps = config.fps or 30.0
         self._threads = [threading.Thread(target=self._guard(self._read), name="live-source", daemon=True),
@@ -156,6 +180,8 @@ class LiveRunner:
                 batch = self.queue.get_batch(self.config.batch_frames, timeout=0.1)
                 if not batch:
                     if self.queue.closed and not len(self.queue):
+                        if self.source_done.is_set() and not self._stop.is_set():
+                            self._process([], flush=True)  # the stream ended: close the open segment
                         break
                     continue
                 items = carry + batch
@@ -170,10 +196,10 @@ class LiveRunner:
             self.stats.frames_dropped += self.queue.take_dropped()
             self.worker_done.set()
 
-    def _process(self, items: list[tuple[Frame, float]]) -> None:
+    def _process(self, items: list[tuple[Frame, float]], flush: bool = False) -> None:
         frames = [f for f, _ in items]
         try:
-            result = self.stages.encode_add(frames, self._fps)
+            result = self.stages.encode_add(frames, self._fps, flush)
         except StageFailed as e:
             self.stats.stage_failures += 1
             self.stats.frames_dropped += len(frames)
@@ -187,6 +213,17 @@ class LiveRunner:
         s.rss_bytes = result["rss_bytes"]
         s.stream_time = result["stream_time"]
         s.merged, s.evicted = result["merged"], result["evicted"]
+        s.segments_closed, s.open_units = result["segments_closed"], result["open_units"]
+        s.cacher_frames += result["cacher_frames"]
+        s.cacher_hits += result["cacher_hits"]
+        s.cacher_scene_cuts += result["cacher_scene_cuts"]
+        s.cacher_hit_rate = s.cacher_hits / s.cacher_frames if s.cacher_frames else 0.0
+        self._flops[0] += result["flops_full"]
+        self._flops[1] += result["flops_spent"]
+        s.vision_flops_saved_share = 1.0 - self._flops[1] / self._flops[0] if self._flops[0] else 0.0
+        if frames:
+            self._stage_ms["encode"].append(result["encode_ms"])
+            self._stage_ms["select"].append(result["select_ms"])
         done = time.monotonic()
         self._lat.extend((done - arrived) * 1000 for _, arrived in items)
         with self._progress:
@@ -207,6 +244,11 @@ class LiveRunner:
         lat, self._lat = self._lat, []
         s.latency_ms_mean = float(np.mean(lat)) if lat else 0.0
         s.latency_ms_max = float(np.max(lat)) if lat else 0.0
+        for stage, values in self._stage_ms.items():
+            if values:
+                setattr(s, f"{stage}_ms_p50", float(np.percentile(values, 50)))
+                setattr(s, f"{stage}_ms_p99", float(np.percentile(values, 99)))
+            self._stage_ms[stage] = []
         s.driver_rss_bytes = process_rss()
         s.source_dropped, s.source_malformed = self.source.stats.dropped, self.source.stats.malformed
         self._last_sample = (now, s.frames_processed)
@@ -224,4 +266,15 @@ class LiveRunner:
                 raise InputError("no frames reached the memory; is the source producing frames?")
         if self.error is not None:
             raise self.error
-        return self.stages.ask(question)
+        with self._ask_lock:  # one controller decision per answer, in order
+            retain = self.controller.next_retain() if self.controller is not None else None
+            answer = self.stages.ask(question, retain)
+            if self.controller is not None:
+                self.controller.observe(retain, answer.latency_ms)
+        s = self.stats
+        self._answer_ms.append(answer.latency_ms)
+        s.answers = len(self._answer_ms)
+        s.answer_ms_p50 = float(np.percentile(self._answer_ms, 50))
+        s.answer_ms_p99 = float(np.percentile(self._answer_ms, 99))
+        s.answer_retain = 1.0 if retain is None else retain
+        return answer

@@ -1,21 +1,24 @@
-"""The stages of a live stream, as objects a runner drives in-process or as Ray actors.
+"""The stage graph of a live stream, as objects a runner drives in-process or as Ray actors:
 
-  encode   `EncodeStage`: batches of frames -> visual tokens (the recipe's STC-Cacher kept warm
-           for the stream) -> per-unit pruning with the recipe's selectors (one unit = the
-           adapter's `frames_per_unit` frames).
-  memory   `MemoryStage`: the `StreamingMemory` (bounded visual tokens, memory/streaming.py), its
-           optional `IncrementalKV` (memory/kv_cache.py) and the LLM answering from it.
+  source -> decode/sample  the runner's reader thread (live_runner.py) and its drop-oldest queue;
+  encode -> segment -> select   `EncodeStage`: vision tower with the recipe's STC-Cacher, the
+           online temporal segmenter, the recipe's pre-LLM selectors on each closed segment;
+  model    `MemoryStage` (memory_stage.py): the bounded `StreamingMemory`, its optional
+           `IncrementalKV`, and the LLM answering from it (with the recipe's inner-LLM stage).
 
-`LocalStages` runs both in this process (threads, one copy of the model); `RayStages` runs them as
-Ray actors: the encoder restarts when it dies (`max_restarts=-1`) and its in-flight call is retried
-(`max_task_retries`), so the stream goes on. Backpressure is the runner's drop-oldest queue plus one
-batch in flight per stage, which bounds each actor's mailbox without a queue actor.
+The robot loop is the same graph with env stages as the source and a VLA as the model stage
+(robot_stages.py). `LocalStages` runs both stages in this process (threads, one copy of the
+model); `RayStages` runs them as Ray actors: the encoder restarts when it dies (`max_restarts=-1`,
+starting cold: a new cacher and an empty open segment) and its in-flight call is retried
+(`max_task_retries`), so the stream goes on. Backpressure is the runner's drop-oldest queue plus
+one batch in flight per stage, which bounds each actor's mailbox without a queue actor.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -35,66 +38,124 @@ class StageFailed(RuntimeError):
 
 def unit_recipe(method: str, retain: float | None, max_tokens: int | None,
                 variants: dict[str, str] | None = None) -> Any:
-    """The pruning recipe applied to each unit: its encoder stage (STC-Cacher, warm across the
-    stream) and pre-LLM selectors; a stage inside the LLM has no prefill to act in here.
-    `variants`: the model family's own versions of methods (`VideoLLMAdapter.method_variants`)."""
+    """The recipe the encoder side applies: its encoder stage (STC-Cacher, warm across the stream)
+    and its pre-LLM selectors on each closed segment; an inner-LLM stage acts later, in each
+    answer's prefill (`MemoryStage`). `variants`: the model family's own versions of methods
+    (`VideoLLMAdapter.method_variants`)."""
     from streamprune.pruning.recipe import build_recipe
 
     recipe = build_recipe(method, retain=retain, max_tokens=max_tokens, variants=variants)
-    if recipe.inner_llm is not None:
-        raise ConfigError(f"method {method!r} has a stage inside the LLM; live memory prunes each frame "
-                          "before the LLM, so use a pre-LLM method (see `streamprune methods`)")
+    robot_only = [m.name for m in recipe.methods if m.needs_action_feedback]
+    if robot_only:
+        raise ConfigError(f"method {method!r} learns from the action attention of control steps "
+                          f"({', '.join(robot_only)}), which a question-answering stream has none of; "
+                          "use it with `streamprune robot`")
     return recipe
 
 
+@dataclass
+class UnitMeta:
+    """Where a unit sits in the stream: its first frame's counter and stream time (seconds)."""
+
+    frame: int
+    timestamp: float
+
+
 class EncodeStage:
-    """Frames -> MemoryUnits: the adapter's vision encoder, then the configured method on each
-    unit (the per-frame budget is `retain` of one unit's tokens)."""
+    """Frames -> MemoryUnits through three stages of the graph, kept in one actor so features
+    never cross processes before they are pruned:
+
+      encode   the adapter's vision tower with the recipe's STC-Cacher (per stream; a restarted
+               actor starts cold), one unit = the adapter's `frames_per_unit` frames;
+      segment  `OnlineSegmenter`: units join an open segment that closes where the recipe's
+               temporal method cuts (FastVID's DySeg, HoliTom's windows) or at `max_segment_units`;
+               a frame-level method closes a segment at every unit;
+      select   the recipe's pre-LLM selectors on each closed segment as a whole (the budget is
+               `retain` of the segment's tokens), split back into one MemoryUnit per unit, each
+               tagged with its segment so the memory compresses along the same segments.
+
+    Frames in the open segment reach the memory when it closes: `max_segment_units` bounds that
+    delay (8 units = 4 s of stream at 2 fps)."""
 
     def __init__(self, model: str | None, method: str = "none", retain: float | None = None,
                  max_tokens: int | None = None, seed: int = 0, threads: int = 1, adapter: Any = None,
-                 placement: DeviceConfig | None = None) -> None:
+                 placement: DeviceConfig | None = None, max_segment_units: int = 8) -> None:
         from streamprune.pruning.base import PruneContext
+        from streamprune.runtime.segmenter import OnlineSegmenter
 
         self.adapter = load_stage_model(model, threads, adapter, placement)
         self.recipe = unit_recipe(method, retain, max_tokens, self.adapter.method_variants)
         self.ctx = PruneContext(seed=seed)
-        # the stream's STC-Cacher lives here: a restarted actor starts cold
+        self.recipe.start_stream(self.ctx)
         self.cacher = self.adapter.new_cacher(self.recipe)
+        self.segmenter = OnlineSegmenter(self.recipe, max_units=max_segment_units)
+        self.segments_closed = 0
 
     def unit_frames(self) -> int:
         """Frames per memory unit (the adapter's temporal unit, e.g. Qwen2.5-VL's 2-frame patch)."""
         return self.adapter.frames_per_unit
 
     @torch.inference_mode()
-    def process(self, frames: list[Frame], fps: float) -> EncodedChunk:
-        """`frames` (a multiple of `unit_frames()`, same size) -> one MemoryUnit per unit."""
+    def process(self, frames: list[Frame], fps: float, flush: bool = False) -> EncodedChunk:
+        """`frames` (a multiple of `unit_frames()`, same size) -> the MemoryUnits of every segment
+        that closed meanwhile; `flush` closes the open segment too (end of stream)."""
         start = time.perf_counter()
-        clip = np.stack([f.image for f in frames])
-        video = self.adapter.encode_for(clip, self.recipe, fps=fps, cacher=self.cacher)
-        tokens = video.tokens
-        t, h, w = tokens.grid
-        per_unit = h * w
-        step = len(frames) // t
-        units = []
-        for u in range(t):
-            rows = slice(u * per_unit, (u + 1) * per_unit)
-            unit_tokens = VisualTokens(
-                features=tokens.features[rows],
-                thw=VisualTokens.grid_positions(1, h, w),
-                grid=(1, h, w),
-                signals={k: v[rows] for k, v in tokens.signals.items()},
-                frame_signals={k: v[u : u + 1] for k, v in tokens.frame_signals.items()},
-            )
-            selection = self.recipe.select(unit_tokens, self.ctx)
-            kept = selection.apply(unit_tokens)
-            first = frames[u * step]
+        units: list[MemoryUnit] = []
+        newline = torch.zeros(0)
+        grid = None
+        stats = None
+        select_ms = 0.0
+        if frames:
+            clip = np.stack([f.image for f in frames])
+            video = self.adapter.encode_for(clip, self.recipe, fps=fps, cacher=self.cacher)
+            stats = video.cacher_stats
+            newline = video.always_kept.float().cpu()
+            tokens = video.tokens
+            t, h, w = tokens.grid
+            grid = (h, w)
+            per_unit = h * w
+            step = len(frames) // t
+            encoded = time.perf_counter()
+            for u in range(t):
+                rows = slice(u * per_unit, (u + 1) * per_unit)
+                unit_tokens = VisualTokens(
+                    features=tokens.features[rows],
+                    thw=VisualTokens.grid_positions(1, h, w),
+                    grid=(1, h, w),
+                    signals={k: v[rows] for k, v in tokens.signals.items()},
+                    frame_signals={k: v[u : u + 1] for k, v in tokens.frame_signals.items()},
+                )
+                first = frames[u * step]
+                for segment in self.segmenter.push(unit_tokens, UnitMeta(first.index, first.timestamp)):
+                    units.extend(self._select(segment))
+            select_ms = (time.perf_counter() - encoded) * 1000
+        if flush:
+            began = time.perf_counter()
+            for segment in self.segmenter.flush():
+                units.extend(self._select(segment))
+            select_ms += (time.perf_counter() - began) * 1000
+        total_ms = (time.perf_counter() - start) * 1000
+        return EncodedChunk(units=units, newline=newline, encode_ms=total_ms - select_ms, select_ms=select_ms,
+                            cacher=stats, segments_closed=self.segments_closed,
+                            open_units=self.segmenter.open_units, grid=grid)
+
+    def _select(self, segment: Any) -> list[MemoryUnit]:
+        """One closed segment pruned as a whole, then one MemoryUnit per unit it spans."""
+        self.segments_closed += 1
+        # a temporal method's segments guide the memory's merging; per-unit segments would forbid it
+        segment_id = self.segments_closed if self.segmenter.rule is not None else None
+        tokens = segment.tokens
+        _, h, w = tokens.grid
+        kept = self.recipe.select(tokens, self.ctx).apply(tokens)
+        unit_of = kept.thw[:, 0]
+        out = []
+        for j, meta in enumerate(segment.units):
+            rows = unit_of == j
             # the memory lives in host RAM (it crosses actors); each answer moves it to the device
-            units.append(MemoryUnit(features=kept.features.float().cpu().contiguous(), hw=kept.thw[:, 1:].cpu(),
-                                    frame=first.index, timestamp=first.timestamp,
-                                    tokens_before_pruning=per_unit))
-        encode_ms = (time.perf_counter() - start) * 1000
-        return EncodedChunk(units=units, newline=video.always_kept.float().cpu(), encode_ms=encode_ms)
+            out.append(MemoryUnit(features=kept.features[rows].float().cpu().contiguous(),
+                                  hw=kept.thw[rows, 1:].cpu(), frame=meta.frame, timestamp=meta.timestamp,
+                                  tokens_before_pruning=h * w, segment=segment_id))
+        return out
 
     def pid(self) -> int:
         return os.getpid()
@@ -105,9 +166,9 @@ class Stages(Protocol):
 
     unit_frames: int
 
-    def encode_add(self, frames: list[Frame], fps: float) -> dict[str, Any]: ...
+    def encode_add(self, frames: list[Frame], fps: float, flush: bool = False) -> dict[str, Any]: ...
 
-    def ask(self, question: str) -> LiveAnswer: ...
+    def ask(self, question: str, retain: float | None = None) -> LiveAnswer: ...
 
     def close(self) -> None: ...
 
@@ -118,16 +179,18 @@ class LocalStages:
     def __init__(self, config: LiveConfig) -> None:
         adapter = load_stage_model(config.model, config.threads, placement=config.placement) if config.incremental_kv else None
         self.encoder = EncodeStage(config.model, config.method, config.retain, config.max_tokens, config.seed,
-                                   config.threads, adapter=adapter, placement=config.placement)
+                                   config.threads, adapter=adapter, placement=config.placement,
+                                   max_segment_units=config.max_segment_units)
         self.memory = MemoryStage(config.model, config.memory, config.max_new_tokens, threads=config.threads,
-                                  adapter=self.encoder.adapter, incremental_kv=config.incremental_kv)
+                                  adapter=self.encoder.adapter, incremental_kv=config.incremental_kv,
+                                  method=config.method, retain=config.retain, max_tokens=config.max_tokens)
         self.unit_frames = self.encoder.unit_frames()
 
-    def encode_add(self, frames: list[Frame], fps: float) -> dict[str, Any]:
-        return self.memory.add(self.encoder.process(frames, fps), fps)
+    def encode_add(self, frames: list[Frame], fps: float, flush: bool = False) -> dict[str, Any]:
+        return self.memory.add(self.encoder.process(frames, fps, flush), fps)
 
-    def ask(self, question: str) -> LiveAnswer:
-        return self.memory.ask(question)
+    def ask(self, question: str, retain: float | None = None) -> LiveAnswer:
+        return self.memory.ask(question, retain)
 
     def close(self) -> None:
         pass
@@ -149,15 +212,17 @@ class RayStages:
                                                       num_gpus=gpus)
         memory_cls = ray.remote(MemoryStage).options(max_concurrency=2, num_cpus=0, num_gpus=gpus)
         self.encoder = encoder_cls.remote(config.model, config.method, config.retain, config.max_tokens,
-                                          config.seed, config.threads, placement=config.placement)
+                                          config.seed, config.threads, placement=config.placement,
+                                          max_segment_units=config.max_segment_units)
         self.memory = memory_cls.remote(config.model, config.memory, config.max_new_tokens, None, config.threads,
-                                        None, config.incremental_kv, placement=config.placement)
+                                        None, config.incremental_kv, placement=config.placement,
+                                        method=config.method, retain=config.retain, max_tokens=config.max_tokens)
         self.unit_frames = ray.get(self.encoder.unit_frames.remote())
 
-    def encode_add(self, frames: list[Frame], fps: float) -> dict[str, Any]:
+    def encode_add(self, frames: list[Frame], fps: float, flush: bool = False) -> dict[str, Any]:
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 
-        chunk = self.encoder.process.remote(frames, fps)
+        chunk = self.encoder.process.remote(frames, fps, flush)
         try:
             return self._ray.get(self.memory.add.remote(chunk, fps))
         except (ActorDiedError, ActorUnavailableError) as e:
@@ -167,11 +232,11 @@ class RayStages:
                 raise StageFailed(f"encoder died: {type(e.cause).__name__}") from None
             raise e.cause if isinstance(e.cause, Exception) else e from None
 
-    def ask(self, question: str) -> LiveAnswer:
+    def ask(self, question: str, retain: float | None = None) -> LiveAnswer:
         from ray.exceptions import RayTaskError
 
         try:
-            return self._ray.get(self.memory.ask.remote(question))
+            return self._ray.get(self.memory.ask.remote(question, retain))
         except RayTaskError as e:
             raise e.cause if isinstance(e.cause, Exception) else e from None
 
