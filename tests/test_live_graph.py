@@ -114,3 +114,19 @@ def test_frame_level_methods_close_a_segment_per_unit_and_stats_report_stages(ad
     assert stats.segments_closed == 12 and stats.open_units == 0
     assert stats.cacher_frames == 0
     assert stats.encode_ms_p99 >= stats.encode_ms_p50 > 0
+
+
+def test_answer_deadline_below_the_unpruned_answer_time_answers_from_fewer_memory_tokens(adapter):
+    source = "synthetic:width=96,height=96,frames=48,fps=10,shapes=2"
+    config = LiveConfig(source=source, fps=None, drop_oldest=False, memory=MemoryConfig(kv_budget=8192))
+    runner, stages = _run(config, source, adapter)
+    unpruned = min(stages.ask("what moves?").latency_ms for _ in range(3))
+    deadline = LiveConfig(source=source, fps=None, drop_oldest=False, memory=MemoryConfig(kv_budget=8192),
+                          target_latency_ms=unpruned * 0.5)
+    runner = LiveRunner(open_source(source, realtime=False), stages, deadline).start()
+    assert runner.wait_stream_end(timeout=300)
+    answers = [runner.ask("what moves?") for _ in range(6)]
+    runner.stop()
+    assert answers[0].retain == 1.0  # the controller starts unpruned, then measures
+    assert runner.stats.answer_retain < 1.0 and answers[-1].visual_tokens < answers[0].visual_tokens
+    assert runner.stats.answers == 6 and runner.stats.answer_ms_p99 >= runner.stats.answer_ms_p50 > 0

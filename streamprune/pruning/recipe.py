@@ -60,6 +60,18 @@ class PruningRecipe:
             current = step.apply(current)
         return selection
 
+    def with_retain(self, retain: float) -> PruningRecipe:
+        """This recipe keeping the share `retain` of the visual tokens (a latency controller's
+        per-step choice). An absolute `max_tokens` cap stays, and the smaller bound wins. The copy
+        shares the stage objects. Their per-stream state lives in the caller's PruneContext
+        (VLA-Pruner's action history, the episode's STC-Cacher), so it carries over from step to
+        step whatever retain each step uses, and `start_stream` on either recipe resets it. The
+        budget is read only through `self.budget` (`select`, `inner_budget`), so both the
+        pre-LLM and the inner-LLM stages get the new one."""
+        return PruningRecipe(name=self.name, budget=Budget(retain=retain, max_tokens=self.budget.max_tokens),
+                             pre_llm=list(self.pre_llm), inner_llm=self.inner_llm,
+                             encoder_options=dict(self.encoder_options))
+
     @property
     def methods(self) -> list[PruningMethod]:
         return self.pre_llm + ([self.inner_llm] if self.inner_llm is not None else [])

@@ -114,7 +114,9 @@ def _drive(stages: RobotStages, recipe: PruningRecipe, episodes: int, seed: int,
         step_ms = (time.perf_counter() - begin) * 1000
         latencies.append(step_ms)
         if controller is not None:
-            controller.observe(retain, step_ms)
+            # the share the step really kept (a warm-up step of VLA-Pruner keeps all, whatever was asked)
+            used = statistics.mean(a.visual_tokens_kept / max(1, a.visual_tokens_in) for a in answers)
+            controller.observe(used, step_ms)
             chosen.append(retain)
         for answer in answers:
             encode_ms.append(answer.encode_ms)
