@@ -70,6 +70,9 @@ def run(config: LiveConfig) -> int:
     from streamprune.sources import open_source
 
     torch.set_num_threads(config.threads)
+    if config.target_latency_ms is not None and config.incremental_kv:
+        raise ConfigError("--target-latency-ms chooses memory tokens per answer, which --incremental-kv's one "
+                          "shared cache cannot; use one of them")
     if config.stats_json:
         check_output(config.stats_json, "--stats-json")
     source = open_source(config.source, loop=config.loop, realtime=True)
