@@ -259,10 +259,11 @@ class LiveRunner:
     # -- questions -------------------------------------------------------------------------------
     def ask(self, question: str, at: float | None = None, timeout: float = 60.0) -> LiveAnswer:
         """Answer `question` from the memory now, or once the stream reached `at` seconds."""
-        if not self.wait_for(lambda s: s.frames_processed > 0 and (at is None or s.stream_time >= at), timeout):
+        # tokens, not frames: a temporal method's frames reach the memory when their segment closes
+        if not self.wait_for(lambda s: s.tokens > 0 and (at is None or s.stream_time >= at), timeout):
             if self.error is not None:
                 raise self.error
-            if not self.stats.frames_processed:
+            if not self.stats.tokens:
                 raise InputError("no frames reached the memory; is the source producing frames?")
         if self.error is not None:
             raise self.error
