@@ -130,3 +130,29 @@ def test_answer_deadline_below_the_unpruned_answer_time_answers_from_fewer_memor
     assert answers[0].retain == 1.0  # the controller starts unpruned, then measures
     assert runner.stats.answer_retain < 1.0 and answers[-1].visual_tokens < answers[0].visual_tokens
     assert runner.stats.answers == 6 and runner.stats.answer_ms_p99 >= runner.stats.answer_ms_p50 > 0
+
+
+def test_a_gym_env_camera_feeds_the_live_graph_with_stc(adapter):
+    """`gym:ENV_ID`: PickColor's camera under its scripted expert, episode after episode, through
+    the same graph (STC-Cacher warm across frames, then the memory and an answer)."""
+    from streamprune.sources.gym_env import GymEnvSource
+
+    source = GymEnvSource("streamprune/PickColor-v0", realtime=False, max_episodes=3)
+    config = LiveConfig(source="gym:streamprune/PickColor-v0", method="stc", fps=None, drop_oldest=False,
+                        memory=MemoryConfig(kv_budget=8192))
+    stages = LocalStages(config)
+    runner = LiveRunner(source, stages, config).start()
+    assert runner.wait_stream_end(timeout=120)
+    answer = runner.ask("what colour is the target?")
+    runner.stop()
+    assert runner.error is None and runner.stats.frames_processed >= 3
+    assert runner.stats.cacher_hits > 0 and answer.text
+    frames = [f.index for f in GymEnvSource("streamprune/PickColor-v0", realtime=False, max_episodes=3)]
+    assert frames == list(range(len(frames)))  # one stream: frame counter and time run across episodes
+
+
+def test_a_gym_source_with_an_unknown_env_is_one_line():
+    from streamprune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown env id"):
+        open_source("gym:NoSuchEnv-v0")

@@ -118,8 +118,9 @@ class LiveConfig:
     incremental_kv: keep the memory's KV cache between questions (see `IncrementalKV`).
     """
 
-    source: str = option("", "file:PATH, camera:N, rtsp://..., http(s)://..., zmq://HOST:PORT or "
-                             "synthetic:[k=v,...]", required=True, metavar="SOURCE")
+    source: str = option("", "file:PATH, camera:N, rtsp://..., http(s)://..., zmq://HOST:PORT, "
+                             "synthetic:[k=v,...] or gym:ENV_ID (an env's camera under its scripted expert)",
+                         required=True, metavar="SOURCE")
     model: str = model_option()
     method: str = method_option()
     retain: float | None = retain_option()

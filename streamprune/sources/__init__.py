@@ -6,6 +6,7 @@
   rtsp://... http(s)://...       a network stream
   zmq://HOST:PORT                frames from a streamprune publisher
   synthetic:[k=v,...]            generated moving shapes (see SyntheticConfig)
+  gym:ENV_ID                     a gymnasium env's camera under its scripted expert (GymEnvSource)
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ def open_source(spec: str, loop: bool = False, realtime: bool = True) -> FrameSo
         return SyntheticSource(SyntheticConfig.parse(rest), loop=loop, realtime=realtime)
     if scheme == "camera":
         return camera_source(rest, realtime=realtime)
+    if scheme == "gym":
+        from streamprune.sources.gym_env import GymEnvSource
+
+        return GymEnvSource(rest, realtime=realtime)
     if scheme in URL_SCHEMES:
         if not urlsplit(spec).hostname:
             raise InputError(f"{spec!r} has no host")
@@ -63,5 +68,5 @@ def open_source(spec: str, loop: bool = False, realtime: bool = True) -> FrameSo
         host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
         return ZmqSource(f"tcp://{host}:{port}")
     raise InputError(
-        f"unknown source {spec!r}: use file:PATH, camera:N, rtsp://, http(s)://, zmq://HOST:PORT or synthetic:"
+        f"unknown source {spec!r}: use file:PATH, camera:N, rtsp://, http(s)://, zmq://HOST:PORT, synthetic: or gym:ENV_ID"
     )
