@@ -71,12 +71,7 @@ def check_output(path: str | Path, what: str = "output") -> Path:
     if mode is not None and not stat.S_ISREG(mode):
         raise OutputError(f"{what} {target} is not a regular file (a device, FIFO or socket)")
     _make_folder(target.parent, what, target)
-    probe = _sibling(target)
-    try:
-        _create(probe)
-        probe.unlink()
-    except OSError as err:
-        raise OutputError(f"{what} {target} cannot be written: {_reason(err)}") from None
+    _probe(_sibling(target), what, target)
     return target
 
 
@@ -120,13 +115,17 @@ def output_folder(path: str | Path, what: str = "output folder") -> Path:
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"{what} {folder} is a file, not a folder")
     _make_folder(folder, what, folder)
-    probe = folder / f".streamprune.{secrets.token_hex(4)}.probe"
+    _probe(folder / f".streamprune.{secrets.token_hex(4)}.probe", what, folder)
+    return folder
+
+
+def _probe(probe: Path, what: str, target: Path) -> None:
+    """Create and remove `probe` beside `target`: an OutputError now rather than after the work."""
     try:
         _create(probe)
         probe.unlink()
     except OSError as err:
-        raise OutputError(f"{what} {folder} cannot be written: {_reason(err)}") from None
-    return folder
+        raise OutputError(f"{what} {target} cannot be written: {_reason(err)}") from None
 
 
 def open_append(path: str | Path, what: str = "output") -> int:

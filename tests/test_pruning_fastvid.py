@@ -139,7 +139,7 @@ def test_fastvid_requires_vit_attention():
         make_method("fastvid")(tokens, Budget(retain=0.5))
 
 
-def _merged(anchors: torch.Tensor, members: torch.Tensor, beta: float = 0.6) -> torch.Tensor:
+def dtm_by_hand(anchors: torch.Tensor, members: torch.Tensor, beta: float = 0.6) -> torch.Tensor:
     """DTM by hand: each member joins its most cosine-similar anchor (ties: the first), then
     anchor <- w * anchor + (1 - w) * mean(members), w = max(1 / (n + 1), beta)."""
     za, zm = torch.nn.functional.normalize(anchors, dim=-1), torch.nn.functional.normalize(members, dim=-1)
@@ -172,10 +172,10 @@ def test_fastvid_anchor_frame_with_one_frame_share_pools_only_its_own_frame():
     sel = method(_tokens(feats, attention, 2, 2, 2), Budget(max_tokens=4))
     assert sel.indices.tolist() == [0, 1, 4, 5]
     torch.testing.assert_close(sel.features[[0, 2]], feats[[0, 4]], atol=1e-5, rtol=0)
-    torch.testing.assert_close(sel.features[1], _merged(f0[1:2], f0[1:])[0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(sel.features[3], _merged(f1[1:2], f1[1:])[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(sel.features[1], dtm_by_hand(f0[1:2], f0[1:])[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(sel.features[3], dtm_by_hand(f1[1:2], f1[1:])[0], atol=1e-5, rtol=0)
     # pooling the whole segment, as before, would have mixed the other frame in
-    assert not torch.allclose(sel.features[1], _merged(f0[1:2], torch.cat([f0[1:], f1[1:]]))[0], atol=1e-3)
+    assert not torch.allclose(sel.features[1], dtm_by_hand(f0[1:2], torch.cat([f0[1:], f1[1:]]))[0], atol=1e-3)
 
 
 def test_fastvid_p2_odd_segment_with_one_context_token_pools_per_frame():
@@ -193,9 +193,9 @@ def test_fastvid_p2_odd_segment_with_one_context_token_pools_per_frame():
     # the farther side), frame 2's centre; nothing on frame 1
     assert sel.indices.tolist() == [0, 1, 3, 4, 8, 9]
     torch.testing.assert_close(sel.features[[0, 3, 4]], feats[[0, 4, 8]], atol=1e-5, rtol=0)
-    want0 = _merged(feats[[1, 3]], frames[0][1:])  # frame 0's two anchors, frame 0's pool only
+    want0 = dtm_by_hand(feats[[1, 3]], frames[0][1:])  # frame 0's two anchors, frame 0's pool only
     torch.testing.assert_close(sel.features[1:3], want0, atol=1e-5, rtol=0)
-    torch.testing.assert_close(sel.features[5], _merged(frames[2][1:2], frames[2][1:])[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(sel.features[5], dtm_by_hand(frames[2][1:2], frames[2][1:])[0], atol=1e-5, rtol=0)
 
 
 def test_fastvid_prefers_probe_attention_and_frame_features_when_given():

@@ -8,6 +8,7 @@ from streamprune.pruning.fastvid import dyseg, frame_similarity
 from streamprune.pruning.recipe import build_recipe
 from streamprune.pruning.registry import make_method
 from streamprune.types import VisualTokens
+from tests.test_pruning_fastvid import dtm_by_hand
 
 
 def _tokens(frames: torch.Tensor, attention: torch.Tensor, h: int, w: int) -> VisualTokens:
@@ -15,20 +16,6 @@ def _tokens(frames: torch.Tensor, attention: torch.Tensor, h: int, w: int) -> Vi
     t = frames.shape[0]
     return VisualTokens(frames.reshape(t * h * w, -1), VisualTokens.grid_positions(t, h, w), (t, h, w),
                         signals={"vit_attention": attention.reshape(-1)})
-
-
-def _merged(anchors: torch.Tensor, members: torch.Tensor, beta: float = 0.6) -> torch.Tensor:
-    """DTM by hand: each member joins its most cosine-similar anchor, then
-    anchor <- w * anchor + (1 - w) * mean(members), w = max(1 / (n + 1), beta)."""
-    za, zm = torch.nn.functional.normalize(anchors, dim=-1), torch.nn.functional.normalize(members, dim=-1)
-    nearest = (zm @ za.T).argmax(dim=1)
-    out = anchors.clone()
-    for a in range(len(anchors)):
-        group = members[nearest == a]
-        if len(group):
-            w = max(1.0 / (len(group) + 1), beta)
-            out[a] = w * anchors[a] + (1 - w) * group.mean(dim=0)
-    return out
 
 
 def _distinct_frames(t: int, n: int, dim: int, seed: int) -> torch.Tensor:
@@ -64,7 +51,7 @@ def test_fastvid_qwen_near_duplicate_run_collapses_onto_its_last_frame():
     # the pool: every token of the segment but the salient ones and the anchor itself (12 tokens,
     # the collapsed frames 0 and 1 included)
     pool = torch.cat([frames[0], frames[1], frames[2][2:], moved[2:]])
-    torch.testing.assert_close(sel.features[3], _merged(centre[None], pool)[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(sel.features[3], dtm_by_hand(centre[None], pool)[0], atol=1e-5, rtol=0)
     # FastVID's LLaVA-OV path keeps tokens on every frame of the same input
     llava = make_method("fastvid", c=1, tau=0.5, d=0.5)(_tokens(frames, attention, 2, 2), Budget(retain=0.5))
     assert sorted({i // 4 for i in llava.indices.tolist()}) == [0, 1, 2, 3]
@@ -86,7 +73,7 @@ def test_fastvid_qwen_static_segment_context_is_capped_at_half_a_frame():
     anchors = torch.sort(torch.topk(-attention[-1], 8).indices).values  # the other 8, all anchors
     out = dict(zip(sel.indices.tolist(), sel.features))
     torch.testing.assert_close(torch.stack([out[last + int(i)] for i in salient]), frames[-1][salient])
-    want = _merged(frames[-1][anchors], frames[:-1].reshape(-1, dim))  # pool: the 7 collapsed frames
+    want = dtm_by_hand(frames[-1][anchors], frames[:-1].reshape(-1, dim))  # pool: the 7 collapsed frames
     torch.testing.assert_close(torch.stack([out[last + int(i)] for i in anchors]), want, atol=1e-5, rtol=0)
 
 

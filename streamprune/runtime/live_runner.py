@@ -9,6 +9,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,6 +26,7 @@ from streamprune.sources.base import FrameSource
 from streamprune.types import Frame
 
 log = logging.getLogger(__name__)
+ANSWER_WINDOW = 1000  # answers the latency percentiles are taken over
 
 
 @dataclass
@@ -61,7 +63,7 @@ class LiveStats:
     select_ms_p50: float = 0.0  # segmenting + pre-LLM selection per call
     select_ms_p99: float = 0.0
     answers: int = 0
-    answer_ms_p50: float = 0.0  # over the run
+    answer_ms_p50: float = 0.0  # over the last ANSWER_WINDOW answers
     answer_ms_p99: float = 0.0
     answer_retain: float = 1.0  # share of memory tokens the last answer used (--target-latency-ms)
 
@@ -85,7 +87,7 @@ class LiveRunner:
         self._stats_fd = open_append(stats_path, "--stats-json") if stats_path else None
         self._lat: list[float] = []
         self._stage_ms: dict[str, list[float]] = {"encode": [], "select": []}
-        self._answer_ms: list[float] = []
+        self._answer_ms: deque[float] = deque(maxlen=ANSWER_WINDOW)  # bounded: a stream may run for hours
         self._flops = [0.0, 0.0]  # full, spent
         self._ask_lock = threading.Lock()
         self.controller = None
@@ -274,7 +276,7 @@ class LiveRunner:
                 self.controller.observe(retain, answer.latency_ms)
         s = self.stats
         self._answer_ms.append(answer.latency_ms)
-        s.answers = len(self._answer_ms)
+        s.answers += 1
         s.answer_ms_p50 = float(np.percentile(self._answer_ms, 50))
         s.answer_ms_p99 = float(np.percentile(self._answer_ms, 99))
         s.answer_retain = 1.0 if retain is None else retain
