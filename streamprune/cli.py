@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from streamprune import config as configs
 from streamprune.cliargs import OneLineParser, add_config_arguments, config_from_args
 from streamprune.config.commands import BenchLiveConfig
+from streamprune.config.serve import BenchServeConfig, ServeConfig
 from streamprune.errors import StreampruneError
 
 EPILOG = "exit codes: 0 ok, 2 bad input or usage, 3 batch finished with failures, 130 interrupted"
@@ -50,6 +51,8 @@ COMMANDS: dict[str, Command] = {
                        help="publish a camera or file as a zmq frame stream"),
     "robot": Command(configs.RobotConfig, "streamprune.commands.robot",
                      help="closed-loop episodes of a VLA policy in a gymnasium env"),
+    "serve": Command(ServeConfig, "streamprune.commands.serve",
+                     help="OpenAI-compatible video API with pruning per request, live streams and a web page"),
     "serve-policy": Command(configs.ServePolicyConfig, "streamprune.commands.robot", "run_serve",
                             help="serve a VLA policy to robot clients over zmq"),
 }
@@ -62,6 +65,8 @@ BENCHES: dict[str, Command] = {
                     help="a real-time stream per method: sustained fps, answer latency, drops, memory"),
     "robot": Command(configs.BenchRobotConfig, "streamprune.commands.bench", "run_robot",
                      help="success and control rate per method x budget"),
+    "serve": Command(BenchServeConfig, "streamprune.commands.bench", "run_serve",
+                     help="chat completions over HTTP, N at once: requests/s, p50/p99 latency"),
     "speed": Command(configs.BenchSpeedConfig, "streamprune.commands.bench", "run_speed",
                      help="phase-by-phase speed at a public checkpoint's shapes, beside the FLOPs ratio"),
 }

@@ -359,17 +359,17 @@ class VideoLLMAdapter(ABC):
 
     @torch.inference_mode()
     def answer(self, frames: np.ndarray, question: str, recipe: PruningRecipe,
-               ctx: PruneContext | None = None, fps: float = 1.0, max_new_tokens: int = 16) -> Answer:
-        """Encode, prune, prefill and greedily decode an answer, timing each phase."""
+               ctx: PruneContext | None = None, fps: float = 1.0, max_new_tokens: int = 16, on_token=None) -> Answer:
+        """Encode, prune, prefill and greedily decode an answer, timing each phase (`on_token`: see greedy_decode)."""
         timer = Timer(self.device)
         with timer("encode"):
             video = self.encode_for(frames, recipe, fps=fps)
-        return self.answer_encoded(video, question, recipe, ctx, max_new_tokens, timer)
+        return self.answer_encoded(video, question, recipe, ctx, max_new_tokens, timer, on_token)
 
     @torch.inference_mode()
     def answer_encoded(self, video: EncodedVideo, question: str, recipe: PruningRecipe,
                        ctx: PruneContext | None = None, max_new_tokens: int = 16,
-                       timer: Timer | None = None) -> Answer:
+                       timer: Timer | None = None, on_token: Callable[[int], None] | None = None) -> Answer:
         timer = timer or Timer(self.device)
         ctx = ctx or PruneContext()
         with timer("prune"):
@@ -383,7 +383,7 @@ class VideoLLMAdapter(ABC):
             first = self.logits(hidden[-1])
         with timer("decode"):
             out = greedy_decode(first, self.decoder_step(cache, positions.shape[0], layout.next_position_for(selection)),
-                                max_new_tokens, self.eos_ids)
+                                max_new_tokens, self.eos_ids, on_token=on_token)
         text = self.tokenizer.decode(out, skip_special_tokens=True).strip()
         kept = inner.kept if inner is not None else len(selection)
         return Answer(text=text, token_ids=out, visual_tokens_in=len(video.tokens),

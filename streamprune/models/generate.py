@@ -12,12 +12,15 @@ NextLogits = Callable[[int], torch.Tensor]
 
 
 def greedy_decode(logits: torch.Tensor, feed: NextLogits, max_new_tokens: int,
-                  stop_ids: frozenset[int] | set[int] = frozenset(), allowed: slice | None = None) -> list[int]:
+                  stop_ids: frozenset[int] | set[int] = frozenset(), allowed: slice | None = None,
+                  on_token: Callable[[int], None] | None = None) -> list[int]:
     """Argmax tokens from the prefill's last `logits [V]` on, at most `max_new_tokens`.
 
     `feed(token)` runs one token through the model and returns the next logits; it is not called
     after the last token (nothing would read its output). A token in `stop_ids` ends the answer
     and is not emitted. `allowed` restricts the argmax to a contiguous id range (a VLA's action bins).
+    `on_token(token)` sees each emitted token as it is chosen (a server streams it; raising there
+    ends the answer, as a client that went away should).
     """
     out: list[int] = []
     offset = 0 if allowed is None else allowed.start
@@ -27,6 +30,8 @@ def greedy_decode(logits: torch.Tensor, feed: NextLogits, max_new_tokens: int,
         if token in stop_ids:
             break
         out.append(token)
+        if on_token is not None:
+            on_token(token)
         if len(out) == max_new_tokens:
             break
         logits = feed(token)

@@ -174,10 +174,12 @@ class Stages(Protocol):
 
 
 class LocalStages:
-    """Both stages in this process (`--no-ray`), sharing one copy of the model."""
+    """Both stages in this process (`--no-ray`), sharing one copy of the model (`adapter`: one
+    already loaded, e.g. the server's, shared with its other streams)."""
 
-    def __init__(self, config: LiveConfig) -> None:
-        adapter = load_stage_model(config.model, config.threads, placement=config.placement) if config.incremental_kv else None
+    def __init__(self, config: LiveConfig, adapter: Any = None) -> None:
+        if adapter is None and config.incremental_kv:
+            adapter = load_stage_model(config.model, config.threads, placement=config.placement)
         self.encoder = EncodeStage(config.model, config.method, config.retain, config.max_tokens, config.seed,
                                    config.threads, adapter=adapter, placement=config.placement,
                                    max_segment_units=config.max_segment_units)

@@ -62,6 +62,7 @@ class LiveAnswer:
     tokens_after_inner: int | None = None  # visual tokens the inner-LLM stage left (None: no inner stage)
     retain: float = 1.0  # share of the memory's tokens the answer was asked to use
     memory_tokens: int = 0  # tokens the memory held when asked
+    answer_tokens: int = 0  # tokens generated
 
 
 def answer_recipe(recipe: PruningRecipe) -> PruningRecipe:
@@ -246,6 +247,7 @@ class MemoryStage:
                 text, attention = self.kv.answer(question, snap.newline, len(snap), self.max_new_tokens,
                                                  self.attention_layer)
             held, timings, after_inner = len(snap), {}, None
+            generated = len(self.adapter.tokenizer(text, add_special_tokens=False).input_ids)
         else:
             with self.memory.lock:  # scores of exactly the snapshot's tokens
                 snap = self.memory.snapshot()
@@ -255,18 +257,18 @@ class MemoryStage:
             held = len(snap)
             if share < 1.0:
                 snap = best_scored(snap, scores, math.ceil(share * held))
-            text, attention, timings, after_inner = self._reprefill_answer(question, snap)
+            text, generated, attention, timings, after_inner = self._reprefill_answer(question, snap)
         if attention is not None:
             self.memory.credit_attention(snap.uid, attention.float().cpu())
         return LiveAnswer(question=question, text=text, stream_time=snap.stream_time,
                           memory_start=snap.start_time, visual_tokens=len(snap),
                           latency_ms=(time.perf_counter() - start) * 1000, timings_ms=timings,
-                          tokens_after_inner=after_inner, retain=share, memory_tokens=held)
+                          tokens_after_inner=after_inner, retain=share, memory_tokens=held, answer_tokens=generated)
 
     def _reprefill_answer(self, question: str, snap: MemorySnapshot
-                          ) -> tuple[str, torch.Tensor | None, dict[str, float], int | None]:
+                          ) -> tuple[str, int, torch.Tensor | None, dict[str, float], int | None]:
         """Prefill [prompt | snapshot tokens | question] from scratch and decode greedily; ->
-        (text, the question's attention `[M]` to the snapshot's tokens, timings, visual tokens the
+        (text, tokens generated, the question's attention `[M]` to the snapshot's tokens, timings, visual tokens the
         inner stage left or None)."""
         adapter = self.adapter
         layout = adapter.memory_layout(snap.features, snap.thw[:, 1:], snap.ts - self.origin, snap.newline,
@@ -287,7 +289,7 @@ class MemoryStage:
                 step = adapter.decoder_step(cache, layout.positions.shape[0], layout.next_position)
                 out = greedy_decode(first, step, self.max_new_tokens, adapter.eos_ids)
         text = adapter.tokenizer.decode(out, skip_special_tokens=True).strip()
-        return text, probe.value, dict(timer.ms), inner.kept if inner is not None else None
+        return text, len(out), probe.value, dict(timer.ms), inner.kept if inner is not None else None
 
     def _tokens(self, snap: MemorySnapshot) -> VisualTokens:
         """The snapshot as the inner stage sees it: t = the unit's rank in the snapshot, (h, w) on
