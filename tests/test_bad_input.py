@@ -276,6 +276,12 @@ CASES: dict[str, Bad] = {
     "publish-from-zmq": Bad(("publish", "--source", "zmq://127.0.0.1:5"), "not zmq"),
     "serve-policy-bad-bind": Bad(("serve-policy", "--policy", "{vla}", "--bind", "tcp://127.0.0.1:notaport"),
                                  "cannot bind"),
+    "serve-port-out-of-range": Bad(("serve", "--port", "70000"), "port must be in [0, 65535]"),
+    "serve-media-dir-missing": Bad(("serve", "--allowed-local-media-path", "{tmp}/nowhere"), "is not a directory"),
+    "serve-port-in-use": Bad(("serve", "--model", "{llava}", "--port", "{port}"), "cannot listen on",
+                             not_ray_server),
+    "bench-serve-missing-video": Bad(("bench", "serve", "--video", "{tmp}/missing.mp4"), "video file not found"),
+    "serve-unknown-method": Bad(("serve", "--model", "{llava}", "--method", "no_such"), "no_such"),
     # a batch with a bad input finishes the others and says so: exit 3
     "batch-with-a-failed-input": Bad(("batch", "{video}", "{tmp}/notes.mp4", "-q", Q, "-o", "{tmp}/r.jsonl",
                                       "--no-ray", "--model", "{llava}"), "1 ok, 1 failed",

@@ -41,15 +41,19 @@ def test_no_library_module_imports_the_cli_or_the_ready_jobs():
 
 
 def test_lower_rooms_never_import_commands_or_runtime():
-    """cli -> commands -> runtime -> models / memory / pruning / sources / transport -> types."""
+    """cli -> commands -> serve -> runtime -> models / memory / pruning / sources / transport -> types."""
     lower = ["models", "memory", "pruning", "sources", "transport", "encode", "data"]
     offenders = []
     for room in lower:
         for path in sorted((LIBRARY / room).rglob("*.py")):
             for name in imported_modules(path):
-                if name.startswith(("streamprune.commands", "streamprune.runtime", "streamprune.bench")):
+                if name.startswith(("streamprune.commands", "streamprune.runtime", "streamprune.bench",
+                                    "streamprune.serve")):
                     offenders.append(f"{path.relative_to(ROOT)} imports {name}")
     for path in sorted((LIBRARY / "runtime").rglob("*.py")):
+        offenders += [f"{path.relative_to(ROOT)} imports {n}" for n in imported_modules(path)
+                      if n.startswith(("streamprune.commands", "streamprune.serve"))]
+    for path in sorted((LIBRARY / "serve").rglob("*.py")):
         offenders += [f"{path.relative_to(ROOT)} imports {n}" for n in imported_modules(path)
                       if n.startswith("streamprune.commands")]
     assert not offenders, offenders

@@ -12,6 +12,7 @@ from pathlib import Path
 from streamprune.config import (CONFIG_DIR, BenchAccuracyConfig, BenchDecodeConfig, BenchRobotConfig, BenchSpeedConfig,
                                 method_config)
 from streamprune.config.commands import BenchLiveConfig
+from streamprune.config.serve import BenchServeConfig
 from streamprune.errors import ConfigError, InputError
 from streamprune.outputs import check_output, write_text
 
@@ -181,4 +182,32 @@ def run_live(config: BenchLiveConfig) -> int:
     if config.plot:
         plot_live(rows, config.plot, f"bench live: {config.source}, {config.seconds:g} s per method, "
                                      f"{placement.describe()}")
+    return 0
+
+
+def run_serve(config: BenchServeConfig) -> int:
+    _check_outputs(config)
+    import torch
+
+    from streamprune.bench.serve import format_serve_table, plot_serve, run_serve_bench, write_serve_json
+    from streamprune.models import resolve_placement
+
+    if config.video and not Path(config.video).is_file():
+        raise InputError(f"video file not found: {config.video}")
+    torch.set_num_threads(config.threads)
+    placement = resolve_placement(config.placement)
+    result = run_serve_bench(config)
+    print(f"bench serve: {config.requests} requests, method {config.method}, {config.num_frames} frames, "
+          f"server --max-concurrency {config.max_concurrency}, {placement.describe()}")
+    print(format_serve_table(result))
+    meta = {"model": config.model, "method": config.method, "retain": config.retain, "num_frames": config.num_frames,
+            "max_new_tokens": config.max_new_tokens, "max_concurrency": config.max_concurrency,
+            "threads": config.threads, "device": str(placement.device), "machine": _machine(),
+            "gpu": torch.cuda.get_device_name(placement.device) if placement.is_cuda else None,
+            "torch": torch.__version__}
+    if config.json:
+        write_serve_json(result, config.json, meta)
+    if config.plot:
+        plot_serve(result, config.plot, f"bench serve: {config.method}, {config.requests} requests, "
+                                        f"{placement.describe()}")
     return 0

@@ -26,11 +26,7 @@ def run(config: ServeConfig) -> int:
     if config.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
         log.warning("serving on %s without --api-key: anyone who reaches this address can use the model",
                     config.host)
-    try:
-        server = create_server(config)
-    except OSError as err:
-        raise ConfigError(f"cannot listen on {config.host}:{config.port}: {err.strerror or err}") from None
-    server.start()
+    server = create_server(config).start()
     sys.stderr.write(f"serving {server.url} (OpenAI API at {server.url}/v1, page at {server.url}/); "
                      "Ctrl-C stops\n")
     try:

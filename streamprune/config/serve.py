@@ -54,9 +54,9 @@ class ServeConfig:
 
 @dataclass
 class BenchServeConfig:
-    """`streamprune bench serve`: start the server in this process, send REQUESTS chat completions on
-    a real encoded clip, CONCURRENCY at a time, over HTTP, and report requests/s, p50/p99 latency and
-    errors (JSON and a latency plot)."""
+    """`streamprune bench serve`: start the server in this process and send REQUESTS chat completions
+    about one encoded clip over HTTP, first one at a time, then CONCURRENCY at a time: requests/s,
+    p50/p99 latency, errors, and the throughput ratio of the two runs."""
 
     model: str = model_option()
     requests: int = option(32, "requests to send (default 32)", parse=positive_int, metavar="N")
@@ -67,6 +67,9 @@ class BenchServeConfig:
     retain: float | None = retain_option()
     num_frames: int = option(8, "frames per request (default 8)", parse=positive_int, metavar="N")
     max_new_tokens: int = option(8, "answer length per request (default 8)", parse=positive_int, metavar="K")
-    out: str = option("bench_serve.json", "results JSON; a latency histogram goes beside it as .png",
-                      flags=("--out", "-o"), metavar="FILE")
+    threads: int = option(1, "torch threads of the model (default 1)", parse=positive_int)
+    video: str | None = option(None, "clip every request asks about (default: a held-out synthetic clip, "
+                                     "H.264-encoded for this run)", metavar="FILE")
+    json: str | None = option(None, "write the results as JSON", metavar="FILE")
+    plot: str | None = option(None, "write latency per request, one run after the other, as PNG", metavar="FILE")
     placement: DeviceConfig = field(default_factory=DeviceConfig)

@@ -23,6 +23,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.concurrency import run_in_threadpool
 
 from streamprune.config.serve import ServeConfig
+from streamprune.errors import ConfigError
 from streamprune.serve.engine import ChatEngine, ClientGone, RequestAnswer
 from streamprune.serve.media import request_frames
 from streamprune.serve.protocol import ApiError, ChatRequest, chunk, completion, completion_id, parse_chat, usage
@@ -229,14 +230,11 @@ class Server:
     """The app on uvicorn in a background thread, on a socket bound before it starts (so port 0
     gives a known free port). `stop()` ends it and every stream."""
 
-    def __init__(self, app: FastAPI, sessions: StreamSessions, host: str, port: int) -> None:
+    def __init__(self, app: FastAPI, sessions: StreamSessions, bound: socket.socket) -> None:
         import uvicorn
 
-        self.sessions = sessions
-        self.socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.socket.bind((host, port))
-        self.host, self.port = host, self.socket.getsockname()[1]
+        self.sessions, self.socket = sessions, bound
+        self.host, self.port = bound.getsockname()[:2]
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
         self.thread = threading.Thread(target=self._run, name="serve-http", daemon=True)
 
@@ -267,12 +265,33 @@ class Server:
         self.socket.close()
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (0: a free port); ConfigError in one line when it cannot be."""
+    bound = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    bound.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        bound.bind((host, port))
+    except OSError as err:
+        bound.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    return bound
+
+
 def create_server(config: ServeConfig, adapter: Any = None) -> Server:
-    """Load the model (or take `adapter`), build the app and bind; `.start()` serves."""
+    """Bind, load the model (or take `adapter`) and build the app; `.start()` serves. The socket and
+    the recipe are checked first, so a busy port or a bad method fails before a long model load."""
     from streamprune.config import LiveConfig, MemoryConfig
     from streamprune.models import load_model
+    from streamprune.pruning.recipe import build_recipe
 
-    adapter = adapter if adapter is not None else load_model(config.model, config.placement, frames=config.num_frames)
+    build_recipe(config.method, retain=config.retain, max_tokens=config.max_tokens)
+    bound = bind(config.host, config.port)
+    try:
+        if adapter is None:
+            adapter = load_model(config.model, config.placement, frames=config.num_frames)
+    except BaseException:
+        bound.close()
+        raise
     model_id = Path(config.model).name if Path(config.model).is_dir() else config.model
     engine = ChatEngine(adapter, model_id, method=config.method, retain=config.retain,
                         max_visual_tokens=config.max_tokens, seed=config.seed)
@@ -281,4 +300,4 @@ def create_server(config: ServeConfig, adapter: Any = None) -> Server:
                       max_tokens=config.max_tokens, memory=MemoryConfig(), placement=config.placement,
                       max_new_tokens=config.max_new_tokens, seed=config.seed, no_ray=True)
     sessions = StreamSessions(engine, base, config.max_streams, allowed)
-    return Server(build_app(config, engine, sessions), sessions, config.host, config.port)
+    return Server(build_app(config, engine, sessions), sessions, bound)

@@ -1,0 +1,131 @@
+"""Live stream sessions over HTTP (`POST/GET/DELETE /v1/streams`, chat with `stream_id`) on a real
+server on 127.0.0.1: answers come from the recent stream, a deleted session's memory is freed."""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+import urllib.error
+import urllib.request
+import weakref
+
+import numpy as np
+import pytest
+
+from streamprune.config.serve import ServeConfig
+from streamprune.data.synthetic_qa import clip_seed, generate_clip
+from streamprune.serve.app import create_server
+from streamprune.videofile import write_video
+
+openai = pytest.importorskip("openai")
+QUESTION = "what colour is the object that appeared last ?"
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    return tmp_path_factory.mktemp("streams")
+
+
+@pytest.fixture(scope="module")
+def server(media):
+    running = create_server(ServeConfig(port=0, allowed_local_media_path=str(media), max_streams=2,
+                                        max_new_tokens=2)).start()
+    yield running
+    running.stop()
+
+
+def call(server, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(server.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as err:
+        return err.code, json.load(err)
+
+
+def wait_until(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+
+
+def stream_time(server, stream_id: str) -> float:
+    return call(server, "GET", f"/v1/streams/{stream_id}")[1]["stats"]["stream_time"]
+
+
+def ask(server, stream_id: str):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=60)
+    return client.chat.completions.create(model="default", extra_body={"stream_id": stream_id},
+                                          messages=[{"role": "user", "content": QUESTION}])
+
+
+def test_two_questions_seconds_apart_are_answered_about_the_recent_stream(server):
+    status, stream = call(server, "POST", "/v1/streams", {"source": "synthetic:scene_every=20", "method": "stc",
+                                                          "kv_budget": 256})
+    assert status == 201 and stream["status"] == "running"
+    sid = stream["id"]
+    wait_until(lambda: stream_time(server, sid) >= 1.0)
+    first = ask(server, sid)
+    mark = first.model_extra["stream_time"]
+    wait_until(lambda: stream_time(server, sid) >= mark + 3.0)
+    now = stream_time(server, sid)
+    second = ask(server, sid)
+    assert first.choices[0].message.content and second.choices[0].message.content
+    assert second.model_extra["stream_time"] >= now - 1.0  # about what the stream showed when asked
+    assert second.model_extra["stream_time"] >= mark + 3.0
+    assert second.usage.visual_tokens_in <= 256  # the memory's bound
+    stats = call(server, "GET", f"/v1/streams/{sid}")[1]
+    assert stats["stats"]["answers"] == 2 and stats["history"]
+    assert call(server, "DELETE", f"/v1/streams/{sid}") == (200, {"id": sid, "object": "stream", "deleted": True})
+
+
+def test_a_stream_is_answered_about_its_newest_scene(server, media):
+    """Two held-out clips whose last objects differ in colour, played as one real-time H.264 file
+    stream with a one-clip memory: once it ended, the answer names the second clip's colour."""
+    def last(clip):
+        return max(clip.objects, key=lambda o: o.appear).colour
+
+    first = generate_clip(clip_seed("test", 0))
+    second = next(c for c in (generate_clip(clip_seed("test", i)) for i in range(1, 50)) if last(c) != last(first))
+    path = write_video(media / "two_scenes.mp4", np.concatenate([first.frames, second.frames]), fps=8)
+    _, stream = call(server, "POST", "/v1/streams", {"source": f"file:{path}", "fps": 8, "kv_budget": 128})
+    sid = stream["id"]
+    wait_until(lambda: call(server, "GET", f"/v1/streams/{sid}")[1]["status"] == "ended")
+    answer = ask(server, sid)
+    assert answer.choices[0].message.content == last(second)
+    assert answer.model_extra["memory_start"] >= len(first.frames) / 8 - 1e-6
+    call(server, "DELETE", f"/v1/streams/{sid}")
+
+
+def test_deleting_a_session_frees_its_memory(server):
+    _, stream = call(server, "POST", "/v1/streams", {"source": "synthetic:"})
+    sid = stream["id"]
+    session = server.sessions.get(sid)
+    memory = weakref.ref(session.stages.memory.memory)
+    wait_until(lambda: stream_time(server, sid) > 0)
+    del session
+    assert call(server, "DELETE", f"/v1/streams/{sid}")[0] == 200
+    gc.collect()
+    assert memory() is None
+    assert call(server, "GET", f"/v1/streams/{sid}")[0] == 404
+    assert call(server, "GET", "/health")[1]["streams"] == 0
+
+
+def test_bad_sessions_are_400_404_429(server, media):
+    assert call(server, "POST", "/v1/streams", {})[0] == 400
+    status, body = call(server, "POST", "/v1/streams", {"source": "file:/etc/passwd"})
+    assert status == 400 and "not under the allowed media directory" in body["error"]["message"]
+    assert call(server, "POST", "/v1/streams", {"source": "nosuch:x"})[0] == 400
+    assert call(server, "POST", "/v1/streams", {"source": "synthetic:", "method": "vla_pruner"})[0] == 400
+    assert call(server, "DELETE", "/v1/streams/stream-nope")[0] == 404
+    with pytest.raises(openai.NotFoundError):
+        ask(server, "stream-nope")
+    ids = [call(server, "POST", "/v1/streams", {"source": "synthetic:"})[1]["id"] for _ in range(2)]
+    status, body = call(server, "POST", "/v1/streams", {"source": "synthetic:"})
+    assert status == 429 and body["error"]["code"] == "too_many_streams"
+    for sid in ids:
+        call(server, "DELETE", f"/v1/streams/{sid}")
