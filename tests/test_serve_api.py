@@ -131,7 +131,8 @@ def test_sse_stream_carries_the_same_answer_and_usage(client, media):
     part = video_part(f"file://{media / 'clip.mp4'}")
     whole = chat(client, [part], method="stc", retain=0.5)
     events = list(client.chat.completions.create(
-        model="default", stream=True, stream_options={"include_usage": True}, extra_body={"method": "stc", "retain": 0.5},
+        model="default", stream=True, stream_options={"include_usage": True},
+        extra_body={"method": "stc", "retain": 0.5},
         messages=[{"role": "user", "content": [part, {"type": "text", "text": QUESTION}]}]))
     text = "".join(e.choices[0].delta.content or "" for e in events if e.choices)
     assert text == whole.choices[0].message.content
@@ -199,3 +200,33 @@ def test_bench_serve_reports_both_runs(tmp_path, capsys):
     assert all(r["errors"] == 0 and r["completed"] == 4 and len(r["latency_ms"]) == 4 for r in result["runs"])
     assert result["throughput_ratio"] > 0 and (tmp_path / "serve.png").stat().st_size > 0
     assert "throughput ratio" in capsys.readouterr().out
+
+
+def test_slow_and_vanished_clients_hold_no_one_up(server, client, media):
+    """A client that sends half a request and stalls, and one that leaves mid-stream: the others are
+    answered meanwhile, and the model is free again once the vanished client's decode stopped."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    address = urlsplit(server.url)
+    part = video_part(f"file://{media / 'clip.mp4'}")
+    stalled = socket.create_connection((address.hostname, address.port))
+    stalled.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 5000\r\n\r\n{\"mess")
+    body = json.dumps({"stream": True, "messages": [{"role": "user", "content": [part, {"type": "text",
+                                                                                          "text": QUESTION}]}]})
+    leaving = socket.create_connection((address.hostname, address.port))
+    leaving.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
+    assert leaving.recv(64).startswith(b"HTTP/1.1 200")
+    leaving.close()
+    try:
+        for _ in range(3):
+            assert chat(client, [part]).choices[0].message.content
+        deadline = time.monotonic() + 30
+        while server.sessions.engine.lock.locked():
+            assert time.monotonic() < deadline, "the model stayed busy after its client left"
+            time.sleep(0.05)
+    finally:
+        stalled.close()

@@ -95,13 +95,13 @@ def test_page_loads_and_starts_a_stream(page):
 
 
 def test_question_typed_into_the_page_gets_an_answer(page):
-    page.find_element(By.ID, "question").send_keys("what colour is the square?")
+    page.find_element(By.ID, "question").send_keys("what colour is the object that appeared last ?")
     page.find_element(By.ID, "ask").click()
 
     def answered(driver):
         for item in driver.find_elements(By.CSS_SELECTOR, "#answers .answer"):
             text = item.find_element(By.CSS_SELECTOR, ".a").text.strip()
-            if text and "t=" in item.text and "what colour is the square?" in item.text:
+            if text and "t=" in item.text and "what colour is the object that appeared last ?" in item.text:
                 return item
         return None
 

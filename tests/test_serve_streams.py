@@ -129,3 +129,16 @@ def test_bad_sessions_are_400_404_429(server, media):
     assert status == 429 and body["error"]["code"] == "too_many_streams"
     for sid in ids:
         call(server, "DELETE", f"/v1/streams/{sid}")
+
+
+def test_history_since_returns_only_newer_samples_and_a_bad_since_is_400(server):
+    _, stream = call(server, "POST", "/v1/streams", {"source": "synthetic:", "loop": True})
+    sid = stream["id"]
+    wait_until(lambda: len(call(server, "GET", f"/v1/streams/{sid}")[1]["history"]) >= 2)
+    history = call(server, "GET", f"/v1/streams/{sid}")[1]["history"]
+    newer = call(server, "GET", f"/v1/streams/{sid}?since={history[0]['t']}")[1]["history"]
+    assert newer and all(h["t"] > history[0]["t"] for h in newer)
+    status, body = call(server, "GET", f"/v1/streams/{sid}?since=soon")
+    assert status == 400 and body["error"]["param"] == "since"
+    assert call(server, "POST", "/v1/streams", {"source": "synthetic:", "loop": "false"})[0] == 400
+    call(server, "DELETE", f"/v1/streams/{sid}")

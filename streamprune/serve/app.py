@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -60,6 +61,12 @@ def build_app(config: ServeConfig, engine: ChatEngine, sessions: StreamSessions)
     async def api_error(_: Request, err: ApiError) -> JSONResponse:
         return _error(err)
 
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameter(_: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+        return _error(ApiError(400, f"{where or 'request'}: {first.get('msg', 'invalid')}", where))
+
     @app.exception_handler(Exception)
     async def server_error(_: Request, err: Exception) -> JSONResponse:
         log.exception("request failed")
@@ -68,7 +75,8 @@ def build_app(config: ServeConfig, engine: ChatEngine, sessions: StreamSessions)
     @app.middleware("http")
     async def check_key(request: Request, call_next):
         if config.api_key and request.url.path not in OPEN_ROUTES:
-            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+            scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+            given = given.strip() if scheme.lower() == "bearer" else ""
             given = given or request.query_params.get("api_key", "")  # the page's <img> cannot send headers
             if not hmac.compare_digest(given.encode(), config.api_key.encode()):
                 return _error(ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)",
@@ -161,7 +169,8 @@ def build_app(config: ServeConfig, engine: ChatEngine, sessions: StreamSessions)
 
         async with gate:
             work = asyncio.ensure_future(run_in_threadpool(answer_now, chat, frames, on_token))
-            work.add_done_callback(lambda _: loop.call_soon_threadsafe(tokens.put_nowait, None))
+            work.add_done_callback(lambda done: done.cancelled() or done.exception())  # read, even if no one waits
+            work.add_done_callback(lambda _: tokens.put_nowait(None))
             try:
                 yield _sse(chunk(cid, engine.model_id, {"role": "assistant", "content": ""}))
                 ids: list[int] = []
@@ -206,8 +215,8 @@ def build_app(config: ServeConfig, engine: ChatEngine, sessions: StreamSessions)
         return {"object": "list", "data": [s.describe() for s in sessions.list()]}
 
     @app.get("/v1/streams/{stream_id}")
-    async def get_stream(stream_id: str) -> dict[str, Any]:
-        return sessions.get(stream_id).describe(history=True)
+    async def get_stream(stream_id: str, since: float | None = None) -> dict[str, Any]:
+        return sessions.get(stream_id).describe(history=True, since=since)
 
     @app.get("/v1/streams/{stream_id}/overlay.png")
     async def overlay(stream_id: str) -> Response:

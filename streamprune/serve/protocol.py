@@ -54,11 +54,17 @@ class ChatRequest:
     stream_id: str | None = None
 
 
+def flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"expected true or false, got {value!r}")
+    return value
+
+
 def checked_field(body: dict[str, Any], name: str, parse: Callable[[Any], Any]) -> Any:
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool):
+    if isinstance(value, bool) and parse is not flag:
         raise ApiError(400, f"'{name}' must be a number, got {value!r}", name)
     try:
         return parse(value)
@@ -117,7 +123,8 @@ def parse_chat(body: Any) -> ChatRequest:
         raise ApiError(400, "only n=1 is supported", "n")
     options = body.get("stream_options") or {}
     chat = ChatRequest(
-        model=text_field(body, "model"), question=question, media=media, stream=bool(body.get("stream", False)),
+        model=text_field(body, "model"), question=question, media=media,
+        stream=checked_field(body, "stream", flag) or False,
         include_usage=bool(options.get("include_usage", False)) if isinstance(options, dict) else False,
         max_new_tokens=checked_field(body, "max_completion_tokens", positive_int) or checked_field(body, "max_tokens",
                                                                                          positive_int),

@@ -25,10 +25,9 @@ from streamprune.runtime.live_stages import LocalStages
 from streamprune.runtime.memory_stage import LiveAnswer
 from streamprune.serve.engine import ChatEngine
 from streamprune.serve.media import local_path
-from streamprune.serve.protocol import ApiError, checked_field, text_field
+from streamprune.serve.protocol import ApiError, checked_field, flag, text_field
 from streamprune.types import Frame
 
-RECENT_FRAMES = 64  # frames kept to draw the overlay (a closed segment's units refer back this far at most)
 HISTORY = 3600  # one-second samples kept for the plots (an hour)
 SAMPLE_S = 1.0
 
@@ -40,7 +39,9 @@ class ServedStages(LocalStages):
     def __init__(self, config: LiveConfig, engine: ChatEngine) -> None:
         super().__init__(config, adapter=engine.adapter)
         self.lock = engine.lock
-        self.recent: deque[tuple[int, np.ndarray]] = deque(maxlen=RECENT_FRAMES)
+        # frames of units not in memory yet: a segment closes within max_segment_units units
+        held = config.max_segment_units * self.unit_frames + config.batch_frames
+        self.recent: deque[tuple[int, np.ndarray]] = deque(maxlen=held)
         self.overlay: tuple[np.ndarray, np.ndarray, float] | None = None  # image, kept [h, w], stream time
 
     def encode_add(self, frames: list[Frame], fps: float, flush: bool = False) -> dict[str, Any]:
@@ -94,12 +95,15 @@ class StreamSession:
             return "failed"
         return "ended" if self.runner.worker_done.is_set() else "running"
 
-    def describe(self, history: bool = False) -> dict[str, Any]:
-        error = self.runner.error
+    def describe(self, history: bool = False, since: float | None = None) -> dict[str, Any]:
+        """The stream object; with `history`, the one-second samples (after `since` s, if given:
+        a page polling every second fetches only what is new)."""
+        error, overlay = self.runner.error, self.stages.overlay
         out = {"id": self.id, "object": "stream", "created": self.created, **self.spec, "status": self.status,
-               "error": None if error is None else str(error), "stats": asdict(self.runner.stats)}
+               "error": None if error is None else str(error), "stats": asdict(self.runner.stats),
+               "overlay_time": None if overlay is None else overlay[2]}
         if history:
-            out["history"] = list(self.history)
+            out["history"] = [h for h in list(self.history) if since is None or h["t"] > since]
         return out
 
     def ask(self, question: str, timeout: float) -> LiveAnswer:
@@ -136,6 +140,7 @@ class StreamSessions:
     def __init__(self, engine: ChatEngine, base: LiveConfig, max_streams: int, allowed: Path | None) -> None:
         self.engine, self.base, self.max_streams, self.allowed = engine, base, max_streams, allowed
         self._sessions: dict[str, StreamSession] = {}
+        self._opening = 0
         self._lock = threading.Lock()
 
     def _source(self, body: dict[str, Any]) -> str:
@@ -160,22 +165,28 @@ class StreamSessions:
                 "retain": checked_field(body, "retain", retain_ratio),
                 "max_visual_tokens": checked_field(body, "max_visual_tokens", positive_int),
                 "kv_budget": kv_budget or self.base.memory.kv_budget,
-                "fps": checked_field(body, "fps", positive_float) or self.base.fps, "loop": bool(body.get("loop"))}
+                "fps": checked_field(body, "fps", positive_float) or self.base.fps,
+                "loop": checked_field(body, "loop", flag) or False}
         if "method" not in body:
             spec["retain"] = self.base.retain if spec["retain"] is None else spec["retain"]
         config = LiveConfig(source=source, model=self.base.model, method=method, retain=spec["retain"],
                             max_tokens=spec["max_visual_tokens"], fps=spec["fps"], loop=spec["loop"],
                             memory=MemoryConfig(kv_budget=spec["kv_budget"]), placement=self.base.placement,
                             no_ray=True, max_new_tokens=self.base.max_new_tokens, seed=self.base.seed)
-        with self._lock:
-            if len(self._sessions) >= self.max_streams:
+        stream_id = f"stream-{uuid.uuid4().hex[:12]}"
+        with self._lock:  # the slot is taken here; the source opens outside the lock (an RTSP open is slow)
+            if len(self._sessions) + self._opening >= self.max_streams:
                 raise ApiError(429, f"{self.max_streams} streams are open (--max-streams); delete one first",
                                code="too_many_streams")
-            stream_id = f"stream-{uuid.uuid4().hex[:12]}"
-            try:
-                session = StreamSession(stream_id, spec, config, self.engine)
-            except StreampruneError as err:
-                raise ApiError(400, str(err), "source") from None
+            self._opening += 1
+        try:
+            session = StreamSession(stream_id, spec, config, self.engine)
+        except StreampruneError as err:
+            raise ApiError(400, str(err), "source") from None
+        finally:
+            with self._lock:
+                self._opening -= 1
+        with self._lock:
             self._sessions[stream_id] = session
         return session
 
