@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from streamprune import config as configs
 from streamprune.cliargs import OneLineParser, add_config_arguments, config_from_args
 from streamprune.config.commands import BenchLiveConfig
+from streamprune.config.eval import EvalConfig
 from streamprune.config.serve import BenchServeConfig, ServeConfig
 from streamprune.errors import StreampruneError
 
@@ -51,6 +52,8 @@ COMMANDS: dict[str, Command] = {
                        help="publish a camera or file as a zmq frame stream"),
     "robot": Command(configs.RobotConfig, "streamprune.commands.robot",
                      help="closed-loop episodes of a VLA policy in a gymnasium env"),
+    "eval": Command(EvalConfig, "streamprune.commands.eval",
+                    help="multiple-choice video benchmarks (lmms-eval scoring), every method x retain"),
     "serve": Command(ServeConfig, "streamprune.commands.serve",
                      help="OpenAI-compatible video API with pruning per request, live streams and a web page"),
     "serve-policy": Command(configs.ServePolicyConfig, "streamprune.commands.robot", "run_serve",

@@ -26,8 +26,10 @@ _CODECS: dict[str, tuple[tuple[str, ...], str, dict[str, str]]] = {
     # constant quality (b=0 + crf); realtime deadline, otherwise libvpx-vp9 takes seconds per clip.
     "vp9": (("libvpx-vp9", "vp9"), "yuv420p", {"crf": "20", "b": "0", "deadline": "realtime", "cpu-used": "8"}),
     "mpeg4": (("mpeg4",), "yuv420p", {"qscale": "2"}),
+    # lossless RGB H.264 (High 4:4:4): decoded frames equal the written ones (the eval example set)
+    "h264_lossless": (("libx264rgb",), "rgb24", {"crf": "0", "preset": "veryslow"}),
 }
-DEFAULT_SUFFIX = {"h264": ".mp4", "vp9": ".webm", "mpeg4": ".mp4"}
+DEFAULT_SUFFIX = {"h264": ".mp4", "vp9": ".webm", "mpeg4": ".mp4", "h264_lossless": ".mp4"}
 
 MARKER_BLOCK = 8  # marker blocks are 8x8: aligned to the codecs' macroblocks, so they survive compression
 

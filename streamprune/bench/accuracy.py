@@ -22,7 +22,7 @@ from streamprune.data.synthetic_qa import make_items
 from streamprune.models.base import VideoLLMAdapter
 from streamprune.outputs import output_file, write_text
 from streamprune.pruning.base import PruneContext
-from streamprune.pruning.recipe import PruningRecipe
+from streamprune.pruning.recipe import PruningRecipe, encoder_groups, encoder_key
 
 log = logging.getLogger(__name__)
 
@@ -120,21 +120,6 @@ def run_accuracy_bench(adapter: VideoLLMAdapter, methods: list[str], retains: li
         row.prefill_speedup = base.prefill_ms / row.prefill_ms if row.prefill_ms else 0.0
         row.total_speedup = base.total_ms / row.total_ms if row.total_ms else 0.0
     return rows
-
-
-def encoder_key(recipe: PruningRecipe) -> str:
-    """Recipes with equal encoder stages share one encoding of a clip ("" = the plain tower)."""
-    return json.dumps(recipe.encoder_options, sort_keys=True) if recipe.encoder_options else ""
-
-
-def encoder_groups(recipes: list[PruningRecipe]) -> dict[str, tuple[PruningRecipe, frozenset[str]]]:
-    """Per encoder key: a recipe that carries it and every side signal its group's selectors read."""
-    groups: dict[str, tuple[PruningRecipe, frozenset[str]]] = {}
-    for recipe in recipes:
-        key = encoder_key(recipe)
-        first, signals = groups.get(key, (recipe, frozenset()))
-        groups[key] = (first, signals | recipe.requires)
-    return groups
 
 
 def format_table(rows: list[BenchRow]) -> str:

@@ -26,7 +26,8 @@ import torch
 from tqdm import tqdm
 from transformers import DynamicCache
 
-from streamprune.bench.accuracy import encoder_key, prefill_flops
+from streamprune.bench.accuracy import prefill_flops
+from streamprune.pruning.recipe import encoder_key
 from streamprune.models.base import EncodedVideo, VideoLLMAdapter
 from streamprune.models.generate import greedy_decode
 from streamprune.models.placement import Placement

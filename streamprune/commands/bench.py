@@ -9,29 +9,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from streamprune.config import (CONFIG_DIR, BenchAccuracyConfig, BenchDecodeConfig, BenchRobotConfig, BenchSpeedConfig,
-                                method_config)
+from streamprune.config import BenchAccuracyConfig, BenchDecodeConfig, BenchRobotConfig, BenchSpeedConfig
 from streamprune.config.commands import BenchLiveConfig
 from streamprune.config.serve import BenchServeConfig
 from streamprune.errors import ConfigError, InputError
 from streamprune.outputs import check_output, write_text
-
-
-def _checked_methods(names: list[str]) -> list[str]:
-    for name in names:
-        method_config(name)  # raises a one-line error for unknown names
-    return names
-
-
-def _methods(names: list[str]) -> list[str]:
-    """'all': every registered method and every recipe file of another name (stc); else the names, checked."""
-    from streamprune.pruning.registry import available
-
-    if list(names) != ["all"]:
-        return _checked_methods(list(names))
-    registered = available()
-    files = sorted(p.stem for p in (CONFIG_DIR / "methods").glob("*.yaml"))
-    return [m for m in registered if m != "none"] + [f for f in files if f not in registered]
+from streamprune.pruning.names import checked_method_names, method_names
 
 
 def _check_outputs(config: object) -> None:
@@ -52,7 +35,7 @@ def run_accuracy(config: BenchAccuracyConfig) -> int:
     from streamprune.bench.accuracy import format_table, plot, run_accuracy_bench, write_json
     from streamprune.models import load_model
 
-    methods = _methods(config.methods)
+    methods = method_names(config.methods)
     adapter = load_model(config.model, config.placement)
     rows = run_accuracy_bench(adapter, methods, list(config.retain), config.n, seed=config.seed,
                               progress=sys.stderr.isatty())
@@ -90,7 +73,7 @@ def run_robot(config: BenchRobotConfig) -> int:
     from streamprune.bench.robot import compare_methods, format_robot_table, plot_robot
     from streamprune.runtime.robot import load_policy
 
-    methods = _checked_methods(list(config.methods))
+    methods = checked_method_names(list(config.methods))
     policy = load_policy(config.model, config.placement)
     rows = compare_methods(policy, config.env, methods, list(config.retain), config.episodes,
                            progress=sys.stderr.isatty(), num_envs=config.num_envs)
@@ -111,7 +94,7 @@ def run_speed(config: BenchSpeedConfig) -> int:
                                          synthetic_clip, time_video_decode, write_speed_json)
     from streamprune.models import resolve_placement
 
-    methods = _methods(config.methods)
+    methods = method_names(config.methods)
     placement = resolve_placement(config.placement)
     with tempfile.TemporaryDirectory() as tmp:
         adapter = build_shape_adapter(config.shape, config.layers, placement, Path(tmp), config.frames)
@@ -147,7 +130,7 @@ def run_live(config: BenchLiveConfig) -> int:
     from streamprune.models import resolve_placement
 
     config.question = question_text(config.question, "--question")
-    methods = list(dict.fromkeys(_methods(config.methods)))
+    methods = list(dict.fromkeys(method_names(config.methods)))
     if list(config.methods) == ["all"]:
         methods = ["none", *methods]
     check_source(config.source)

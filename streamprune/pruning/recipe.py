@@ -7,6 +7,7 @@ original tokens, so positions stay the originals however many stages run.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Mapping
@@ -150,3 +151,18 @@ def checked_options(config_cls: type, options: dict[str, Any], source: str, wher
     recipe file and the option."""
     checked = from_dict(config_cls, options, source, where)
     return {key: getattr(checked, key) for key in options}
+
+
+def encoder_key(recipe: PruningRecipe) -> str:
+    """Recipes with equal encoder stages share one encoding of a clip ("" = the plain tower)."""
+    return json.dumps(recipe.encoder_options, sort_keys=True) if recipe.encoder_options else ""
+
+
+def encoder_groups(recipes: list[PruningRecipe]) -> dict[str, tuple[PruningRecipe, frozenset[str]]]:
+    """Per encoder key: a recipe that carries it and every side signal its group's selectors read."""
+    groups: dict[str, tuple[PruningRecipe, frozenset[str]]] = {}
+    for recipe in recipes:
+        key = encoder_key(recipe)
+        first, signals = groups.get(key, (recipe, frozenset()))
+        groups[key] = (first, signals | recipe.requires)
+    return groups

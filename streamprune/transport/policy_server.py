@@ -10,19 +10,23 @@ Request:  kind "obs",    buffer = image [H, W, 3] uint8, fields instruction (str
 Reply:    kind "action", buffer = actions [k, A] float32 (k > 1 is an action chunk), fields
           latency_ms, visual_tokens_kept, visual_tokens_in;  or kind "error", field error (str).
 The reply carries the request's `seq`, so a client can discard late answers.
+
+The field checks and the policy step (`check_observation`, `PolicyRunner`) are shared with the
+openpi websocket server (openpi_server.py).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 import numpy as np
 import zmq
 
 from streamprune.errors import ConfigError
-from streamprune.models.vla import VLAPolicy
+from streamprune.models.vla import PolicyStep, VLAPolicy
 from streamprune.pruning.base import PruneContext
 from streamprune.pruning.recipe import PruningRecipe
 from streamprune.transport import wire
@@ -70,6 +74,22 @@ def _integer(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_SEQ
 
 
+def check_observation(image: object, instruction: object, episode: object, image_shape: tuple[int, ...],
+                      seq: int = 0) -> Request:
+    """The one check of an observation's fields, whichever protocol carried them (zmq here, openpi's
+    websocket in openpi_server.py): BadRequest saying what is wrong, else the Request."""
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.shape != tuple(image_shape):
+        got = f"{image.dtype} {list(image.shape)[:8]}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise BadRequest(f"observation image must be uint8 {list(image_shape)}, got {got}", seq)
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise BadRequest("observation lacks an 'instruction' string", seq)
+    if len(instruction) > MAX_INSTRUCTION_CHARS:
+        raise BadRequest(f"instruction is longer than {MAX_INSTRUCTION_CHARS} characters", seq)
+    if not _integer(episode):
+        raise BadRequest(f"episode must be an integer in [0, {MAX_SEQ}]", seq)
+    return Request(seq=seq, image=image, instruction=instruction, episode=episode)
+
+
 def decode_request(parts: list[bytes], image_shape: tuple[int, ...]) -> Request:
     """The observation in a received message, or BadRequest saying what is wrong with it."""
     try:
@@ -81,18 +101,32 @@ def decode_request(parts: list[bytes], image_shape: tuple[int, ...]) -> Request:
     seq = header["seq"]
     if header["kind"] != "obs":
         raise BadRequest(f"expected an 'obs' message, got {header['kind']!r}", seq)
-    if image.dtype != np.uint8 or image.shape != tuple(image_shape):
-        raise BadRequest(f"observation image must be uint8 {list(image_shape)}, got {image.dtype} "
-                         f"{list(image.shape)[:8]}", seq)
-    instruction = header.get("instruction")
-    if not isinstance(instruction, str) or not instruction.strip():
-        raise BadRequest("observation lacks an 'instruction' string", seq)
-    if len(instruction) > MAX_INSTRUCTION_CHARS:
-        raise BadRequest(f"instruction is longer than {MAX_INSTRUCTION_CHARS} characters", seq)
-    episode = header.get("episode", 0)
-    if not _integer(episode):
-        raise BadRequest(f"episode must be an integer in [0, {MAX_SEQ}]", seq)
-    return Request(seq=seq, image=image, instruction=instruction, episode=episode)
+    return check_observation(image, header.get("instruction"), header.get("episode", 0), image_shape, seq)
+
+
+class PolicyRunner:
+    """The observation -> action step both policy servers share: each client's episode state
+    (VLA-Pruner's action history, the camera's STC-Cacher), reset when the client's episode number
+    changes, and one policy call at a time (the servers may answer clients from several threads)."""
+
+    def __init__(self, policy: VLAPolicy, recipe: PruningRecipe) -> None:
+        self.policy, self.recipe = policy, recipe
+        self._episodes: dict[Hashable, tuple[int, PruneContext]] = {}
+        self._lock = threading.Lock()
+
+    def step(self, client: Hashable, request: Request) -> PolicyStep:
+        with self._lock:
+            known = self._episodes.get(client)
+            if known is None or known[0] != request.episode:
+                ctx = PruneContext()
+                self.policy.reset(self.recipe, ctx)
+                self._episodes[client] = known = (request.episode, ctx)
+            return self.policy.act(np.asarray(request.image), request.instruction, self.recipe, known[1])
+
+    def forget(self, client: Hashable) -> None:
+        """Drop a client's episode state (it disconnected)."""
+        with self._lock:
+            self._episodes.pop(client, None)
 
 
 class PolicyServer:
@@ -103,6 +137,7 @@ class PolicyServer:
         if not allow_remote and not is_loopback(bind):
             raise ConfigError(f"refusing to bind {bind}: not a loopback address (pass allow_remote to expose it)")
         self.policy, self.recipe, self.image_shape = policy, recipe, tuple(image_shape)
+        self.runner = PolicyRunner(policy, recipe)
         self.stats = ServerStats()
         self.stop = threading.Event()
         self.context = zmq.Context.instance()
@@ -114,7 +149,6 @@ class PolicyServer:
             self.socket.close()
             raise ConfigError(f"cannot bind {bind!r}: {err}") from None
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._episodes: dict[bytes, tuple[int, PruneContext]] = {}
 
     def serve_forever(self) -> None:
         poller = zmq.Poller()
@@ -139,8 +173,7 @@ class PolicyServer:
             log.warning("bad request from %s: %s", identity.hex()[:32], err)
             return self._error(err.seq, str(err))
         try:
-            ctx = self._context(identity, request.episode)
-            step = self.policy.act(np.asarray(request.image), request.instruction, self.recipe, ctx)
+            step = self.runner.step(identity, request)
         except Exception as err:  # noqa: BLE001 - a failed step is this client's error reply, never the server's end
             log.exception("the policy failed on a request from %s", identity.hex()[:32])
             return self._error(request.seq, f"policy failed: {type(err).__name__}: {err}")
@@ -153,11 +186,3 @@ class PolicyServer:
     def _error(self, seq: int, message: str) -> list[bytes]:
         self.stats.errors += 1
         return wire.encode(None, kind="error", seq=seq, error=message[:MAX_ERROR_CHARS])
-
-    def _context(self, identity: bytes, episode: int) -> PruneContext:
-        known = self._episodes.get(identity)
-        if known is None or known[0] != episode:
-            ctx = PruneContext()
-            self.policy.reset(self.recipe, ctx)
-            self._episodes[identity] = (episode, ctx)
-        return self._episodes[identity][1]
