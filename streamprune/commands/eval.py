@@ -63,7 +63,12 @@ def run(config: EvalConfig) -> int:
     plan = EvalPlan(tuple(recipes), config.frames, config.fps, letters, config.seed)
     results = ResultsFile(config.output) if config.output else None
     wanted = {record_key(i.id, m, r) for i in items for m, r in recipes}
-    done = {k: r for k, r in latest_records(results.read()).items() if k in wanted} if results else {}
+    done = {}
+    if results is not None:
+        kept = latest_records(results.read())
+        if results.unreadable_lines:  # a line cut short by an interrupted run: drop it before appending
+            results.rewrite(list(kept.values()))
+        done = {k: r for k, r in kept.items() if k in wanted}
     skip = frozenset(k for k, r in done.items() if r.get("status") == "ok")
     groups = by_video(items, root)
     if ray:

@@ -1,5 +1,5 @@
 """`streamprune robot` (closed-loop episodes through the robot stage graph, in-process or as Ray actors) and `streamprune serve-policy` (the same
-policy behind the zmq policy server for robot clients)."""
+policy behind the zmq policy server, or openpi's websocket protocol, for robot clients)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import sys
 
 from streamprune.config import RobotConfig, ServePolicyConfig
+from streamprune.config.commands import serve_policy_bind
 from streamprune.outputs import output_folder
 from streamprune.pruning.recipe import build_recipe
 from streamprune.runtime.robot import load_policy, policy_image_size, run_episodes
@@ -65,18 +66,33 @@ def format_result(result: dict) -> str:
 
 
 def run_serve(config: ServePolicyConfig) -> int:
-    from streamprune.transport.policy_server import PolicyServer
+    """The policy behind the zmq server (ours) or the openpi websocket server, until Ctrl-C."""
+    bind = serve_policy_bind(config)
+    if config.protocol == "openpi":
+        from streamprune.transport.openpi_server import parse_bind
 
+        parse_bind(bind)  # a malformed address fails before the model loads
     recipe = build_recipe(config.method, retain=config.retain)
     policy = load_policy(config.model, config.placement)
     size = policy_image_size(policy)
-    server = PolicyServer(policy, recipe, config.bind, (size, size, 3), allow_remote=config.allow_remote)
-    print(f"serving {config.method} policy on {server.endpoint} (images {size}x{size}x3 uint8); Ctrl-C stops",
-          file=sys.stderr)
+    if config.protocol == "openpi":
+        from streamprune.transport.openpi_server import OpenPIServer, policy_metadata
+
+        metadata = policy_metadata(policy, recipe, (size, size, 3), name=config.model)
+        server = OpenPIServer(policy, recipe, bind, (size, size, 3), allow_remote=config.allow_remote,
+                              metadata=metadata)
+        stop = server.shutdown
+    else:
+        from streamprune.transport.policy_server import PolicyServer
+
+        server = PolicyServer(policy, recipe, bind, (size, size, 3), allow_remote=config.allow_remote)
+        stop = server.stop.set
+    print(f"serving {config.method} policy ({config.protocol}) on {server.endpoint} (images {size}x{size}x3 uint8); "
+          "Ctrl-C stops", file=sys.stderr)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        pass
+        stop()
     print(f"answered {server.stats.answered}, errors {server.stats.errors} ({server.stats.malformed} malformed "
           "requests)", file=sys.stderr)
     return 0

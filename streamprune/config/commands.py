@@ -195,17 +195,46 @@ class RobotConfig:
     threads: int = option(1, "torch threads of the policy actor under --ray (default 1)", parse=positive_int)
 
 
+# serve-policy's wire protocols and where each listens unless --bind says otherwise
+POLICY_PROTOCOLS = {"zmq": "tcp://127.0.0.1:5555", "openpi": "ws://127.0.0.1:8000"}  # 8000: openpi's own port
+
+
+def policy_protocol(text: object) -> str:
+    value = str(text).strip().lower()
+    if value not in POLICY_PROTOCOLS:
+        raise ConfigError(f"--protocol must be one of {', '.join(POLICY_PROTOCOLS)}, got {text!r}")
+    return value
+
+
 @dataclass
 class ServePolicyConfig:
-    """`streamprune serve-policy`: answer observation -> action requests (msgpack header + raw image
-    buffer) from robot clients in robots/."""
+    """`streamprune serve-policy`: answer observation -> action requests from robot clients, in our
+    zmq protocol (msgpack header + raw image buffer; robots/client.py) or in openpi's websocket +
+    msgpack-numpy protocol (openpi-client's WebsocketClientPolicy; robots/openpi_client.py)."""
 
     model: str = policy_option()
-    bind: str = option("tcp://127.0.0.1:5555", "zmq endpoint (default tcp://127.0.0.1:5555)")
+    protocol: str = option("zmq", "zmq (ours, default) or openpi (openpi's websocket protocol, for "
+                                  "openpi-client)", parse=policy_protocol, metavar="zmq|openpi")
+    bind: str | None = option(None, "where to listen: tcp://HOST:PORT for zmq (default tcp://127.0.0.1:5555), "
+                                    "ws://HOST:PORT for openpi (default ws://127.0.0.1:8000; GET /healthz "
+                                    "answers OK)", metavar="ADDRESS")
     method: str = option("none", "pruning method (e.g. vla_pruner)", metavar="NAME")
     retain: float | None = option(None, "share of visual tokens kept, in (0, 1]", parse=retain_ratio, metavar="R")
     allow_remote: bool = option(False, "allow binding a non-loopback address")
     placement: DeviceConfig = field(default_factory=DeviceConfig)
+
+
+def serve_policy_bind(config: ServePolicyConfig) -> str:
+    """--bind, or the protocol's default; an address of the other protocol's kind is a ConfigError."""
+    bind = (config.bind or POLICY_PROTOCOLS[config.protocol]).strip()
+    scheme = bind.partition("://")[0] if "://" in bind else ""
+    if config.protocol == "openpi" and scheme != "ws":
+        raise ConfigError(f"--protocol openpi listens on ws://HOST:PORT (default {POLICY_PROTOCOLS['openpi']}), "
+                          f"got --bind {bind!r}")
+    if config.protocol == "zmq" and scheme in ("ws", "wss", "http", "https"):
+        raise ConfigError(f"--bind {bind!r} is a websocket address: add --protocol openpi, or give a zmq endpoint "
+                          f"such as {POLICY_PROTOCOLS['zmq']}")
+    return bind
 
 
 @dataclass

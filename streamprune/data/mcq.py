@@ -155,8 +155,8 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
                     data.append(json.loads(line))
                 except json.JSONDecodeError as err:
                     raise InputError(f"{path}:{number}: not JSON ({err.msg})") from None
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
+    if isinstance(data, dict):  # {"data": [...]}, or JSON lines of one line
+        data = data["data"] if isinstance(data.get("data"), list) else [data]
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise InputError(f"{path}: expected a JSON list of objects or JSON lines")
     if not data:

@@ -54,7 +54,6 @@ from streamprune.transport.policy_server import (MAX_ERROR_CHARS, MAX_OBS_BYTES,
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BIND = "ws://127.0.0.1:8000"  # openpi's serve_policy.py listens on port 8000
 MAX_MESSAGE_BYTES = MAX_OBS_BYTES
 IMAGE_KEYS = ("observation/image", "image")
 PROMPT_KEYS = ("prompt", "instruction")
@@ -65,7 +64,7 @@ def parse_bind(text: str) -> tuple[str, int]:
     """'ws://HOST:PORT' -> (host, port); port 0 picks a free one. One-line ConfigError otherwise."""
     scheme, sep, rest = str(text).partition("://")
     if not sep or scheme != "ws":
-        raise ConfigError(f"openpi bind must be ws://HOST:PORT (e.g. {DEFAULT_BIND}), got {text!r}")
+        raise ConfigError(f"openpi bind must be ws://HOST:PORT (e.g. ws://127.0.0.1:8000), got {text!r}")
     host, colon, port = rest.rpartition(":")
     host = host.strip("[]")
     if not colon or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -124,6 +123,7 @@ class OpenPIServer:
         self.metadata = metadata if metadata is not None else policy_metadata(policy, recipe, self.image_shape)
         self.stats = ServerStats()
         self._stats_lock = threading.Lock()
+        self._serving = threading.Event()
         try:
             self._server = serve(self._handle, host, port, compression=None, max_size=MAX_MESSAGE_BYTES,
                                  process_request=self._health_check)
@@ -133,11 +133,17 @@ class OpenPIServer:
         self.endpoint = f"ws://{'[' + host + ']' if ':' in host else host}:{bound[1]}"
 
     def serve_forever(self) -> None:
+        self._serving.set()
         self._server.serve_forever()
 
     def shutdown(self) -> None:
-        """Stop accepting connections and close the listening socket (open connections end on their own)."""
-        self._server.shutdown()
+        """Stop accepting connections, close the open ones (1001) and wait for their handlers; from
+        any thread. (websockets' own shutdown waits for serve_forever to exit, so a server that
+        never served only closes its socket.)"""
+        if self._serving.is_set():
+            self._server.shutdown()
+        else:
+            self._server.socket.close()
 
     @staticmethod
     def _health_check(connection: ServerConnection, request: Any) -> Any:
