@@ -142,3 +142,25 @@ def test_history_since_returns_only_newer_samples_and_a_bad_since_is_400(server)
     assert status == 400 and body["error"]["param"] == "since"
     assert call(server, "POST", "/v1/streams", {"source": "synthetic:", "loop": "false"})[0] == 400
     call(server, "DELETE", f"/v1/streams/{sid}")
+
+
+def test_sigterm_stops_the_server_and_its_streams_cleanly():
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "streamprune.cli", "serve", "--port", "0"],
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        line = proc.stderr.readline()
+        assert line.startswith("serving http://127.0.0.1:"), line
+        url = line.split()[1]
+        request = urllib.request.Request(url + "/v1/streams", data=json.dumps({"source": "synthetic:"}).encode(),
+                                         method="POST", headers={"Content-Type": "application/json"})
+        assert urllib.request.urlopen(request, timeout=30).status == 201
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert "stopped" in proc.stderr.read()
+    finally:
+        proc.kill()

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -27,6 +28,7 @@ def run(config: ServeConfig) -> int:
         log.warning("serving on %s without --api-key: anyone who reaches this address can use the model",
                     config.host)
     server = create_server(config).start()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a service manager's stop: as Ctrl-C
     sys.stderr.write(f"serving {server.url} (OpenAI API at {server.url}/v1, page at {server.url}/); "
                      "Ctrl-C stops\n")
     try:
@@ -35,4 +37,5 @@ def run(config: ServeConfig) -> int:
         pass
     finally:
         server.stop()
+    sys.stderr.write("stopped\n")
     return 0

@@ -55,7 +55,6 @@ def build_app(config: ServeConfig, engine: ChatEngine, sessions: StreamSessions)
     gate = asyncio.Semaphore(config.max_concurrency)
     max_bytes = int(config.max_media_mb * 1024 * 1024)
     allowed = sessions.allowed
-    app.state.requests = {"served": 0, "failed": 0}
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, err: ApiError) -> JSONResponse:
@@ -148,7 +147,6 @@ def build_app(config: ServeConfig, engine: ChatEngine, sessions: StreamSessions)
             engine.recipe(chat.method, chat.retain, chat.max_visual_tokens)  # a bad method is a 400 before SSE
             if not chat.stream:
                 answer = await run_in_threadpool(answer_now, chat, frames)
-                app.state.requests["served"] += 1
                 return JSONResponse(completion(completion_id(), engine.model_id, answer.text, answer.finish_reason,
                                                usage(answer.prompt_tokens, answer.completion_tokens,
                                                      answer.visual_tokens_in, answer.visual_tokens_kept),
@@ -194,7 +192,6 @@ def build_app(config: ServeConfig, engine: ChatEngine, sessions: StreamSessions)
                         answer.prompt_tokens, answer.completion_tokens, answer.visual_tokens_in,
                         answer.visual_tokens_kept)))
                 yield "data: [DONE]\n\n"
-                app.state.requests["served"] += 1
             finally:
                 gone.set()  # a client that left stops the decode at its next token
                 if not work.done():
@@ -265,7 +262,8 @@ class Server:
         return self
 
     def wait(self) -> None:
-        self.thread.join()
+        while self.thread.is_alive():  # short joins: Ctrl-C reaches this thread between them
+            self.thread.join(0.5)
 
     def stop(self) -> None:
         self.server.should_exit = True
