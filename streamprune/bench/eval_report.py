@@ -93,9 +93,11 @@ def plot_eval(rows: list[dict[str, Any]], path: str | Path, title: str) -> None:
 
     fig, axis = plt.subplots(figsize=(7.5, 4.5))
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "none"))
-    for method in methods:
+    colours = plt.get_cmap("tab20")
+    for k, method in enumerate(methods):  # 20 colours x 7 markers: no two methods drawn alike
         mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["visual_tokens_kept"])
-        axis.plot([r["visual_tokens_kept"] for r in mine], [r["accuracy"] for r in mine], marker="o", label=method)
+        axis.plot([r["visual_tokens_kept"] for r in mine], [r["accuracy"] for r in mine], marker="os^vDPX"[k % 7],
+                  color=colours(k % 20), label=method)
     for r in rows:
         if r["method"] == "none":
             axis.scatter([r["visual_tokens_kept"]], [r["accuracy"]], marker="*", s=200, color="black",

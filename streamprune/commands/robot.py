@@ -69,9 +69,9 @@ def run_serve(config: ServePolicyConfig) -> int:
     """The policy behind the zmq server (ours) or the openpi websocket server, until Ctrl-C."""
     bind = serve_policy_bind(config)
     if config.protocol == "openpi":
-        from streamprune.transport.openpi_server import parse_bind
+        from streamprune.transport.openpi_server import check_bind
 
-        parse_bind(bind)  # a malformed address fails before the model loads
+        check_bind(bind, config.allow_remote)  # a bad address fails before the model loads
     recipe = build_recipe(config.method, retain=config.retain)
     policy = load_policy(config.model, config.placement)
     size = policy_image_size(policy)

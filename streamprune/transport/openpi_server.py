@@ -81,6 +81,14 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+def check_bind(bind: str, allow_remote: bool = False) -> tuple[str, int]:
+    """(host, port) of `bind`, refused unless loopback or `allow_remote` (checked before a model loads)."""
+    host, port = parse_bind(bind)
+    if not allow_remote and not is_loopback_host(host):
+        raise ConfigError(f"refusing to bind {bind}: not a loopback address (pass --allow-remote to expose it)")
+    return host, port
+
+
 def policy_metadata(policy: VLAPolicy, recipe: PruningRecipe, image_shape: tuple[int, ...],
                     name: str = "") -> dict[str, Any]:
     """What the server sends on connect: enough for a client to build observations and size its
@@ -115,9 +123,7 @@ class OpenPIServer:
 
     def __init__(self, policy: VLAPolicy, recipe: PruningRecipe, bind: str, image_shape: tuple[int, ...],
                  allow_remote: bool = False, metadata: dict[str, Any] | None = None) -> None:
-        host, port = parse_bind(bind)
-        if not allow_remote and not is_loopback_host(host):
-            raise ConfigError(f"refusing to bind {bind}: not a loopback address (pass allow_remote to expose it)")
+        host, port = check_bind(bind, allow_remote)
         self.image_shape = tuple(image_shape)
         self.runner = PolicyRunner(policy, recipe)
         self.metadata = metadata if metadata is not None else policy_metadata(policy, recipe, self.image_shape)
@@ -158,7 +164,8 @@ class OpenPIServer:
 
     def _handle(self, ws: ServerConnection) -> None:
         """One client's connection: metadata, then request -> reply until it closes."""
-        log.info("openpi client %s connected", ws.remote_address)
+        peer = ws.remote_address  # read now: the socket may be gone by the end
+        log.info("openpi client %s connected", peer)
         prev_total_ms: float | None = None
         try:
             ws.send(msgpack_numpy.packb(self.metadata))
@@ -175,7 +182,7 @@ class OpenPIServer:
             pass
         finally:
             self.runner.forget(ws.id)
-            log.info("openpi client %s disconnected", ws.remote_address)
+            log.info("openpi client %s disconnected", peer)
 
     def answer(self, client: Any, message: bytes | str,
                prev_total_ms: float | None = None) -> tuple[bytes | str, bool]:
