@@ -49,7 +49,8 @@ class OpenPIClient:
         deadline, pause = time.monotonic() + timeout_s, 0.05
         while True:
             try:
-                ws = connect(self.uri, compression=None, max_size=None, open_timeout=max(timeout_s, 1.0))
+                # entered as a context manager (websockets >= 17.1 warns otherwise); close() exits it
+                ws = connect(self.uri, compression=None, max_size=None, open_timeout=max(timeout_s, 1.0)).__enter__()
                 break
             except (InvalidURI, InvalidHandshake) as err:
                 raise OpenPIError(f"{self.uri} is not an openpi policy server: {err}") from None
@@ -157,7 +158,8 @@ def run_chunked_episode(env: gym.Env, client: OpenPIClient, chunking: ChunkingCo
     """One episode at `control_hz`: each tick plays the queued action for that step (or holds
     still, zeros, when starved: the safety rule of robots/client.py) and, when the queue is low,
     hands the newest observation to the requester thread. The first chunk is awaited before the
-    clock starts. Returns success, steps and the queue's statistics (ChunkStats.summary)."""
+    clock starts. Returns success, steps, the queue's statistics (ChunkStats.summary) and its size
+    at every step."""
     chunking = chunking or ChunkingConfig(chunk_size=int(client.metadata.get("chunk_size", 1)))
     hold = np.zeros(int(client.metadata["action_dim"]), np.float32)
     queue = ActionQueue(chunking)
@@ -183,4 +185,5 @@ def run_chunked_episode(env: gym.Env, client: OpenPIClient, chunking: ChunkingCo
             time.sleep(max(0.0, tick - time.perf_counter()))  # the control rate, as LeRobot's loop keeps it
     finally:
         requester.close()
-    return {"success": success, "steps": steps, "request_errors": len(requester.errors), **queue.stats.summary()}
+    return {"success": success, "steps": steps, "request_errors": len(requester.errors), **queue.stats.summary(),
+            "queue_sizes": list(queue.stats.queue_sizes)}  # per step, before it took its action

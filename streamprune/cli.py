@@ -57,7 +57,7 @@ COMMANDS: dict[str, Command] = {
     "serve": Command(ServeConfig, "streamprune.commands.serve",
                      help="OpenAI-compatible video API with pruning per request, live streams and a web page"),
     "serve-policy": Command(configs.ServePolicyConfig, "streamprune.commands.robot", "run_serve",
-                            help="serve a VLA policy to robot clients over zmq"),
+                            help="serve a VLA policy to robot clients (zmq, or openpi's websocket protocol)"),
 }
 BENCHES: dict[str, Command] = {
     "accuracy": Command(configs.BenchAccuracyConfig, "streamprune.commands.bench", "run_accuracy",

@@ -18,7 +18,7 @@ class EvalConfig:
     answer parsing); accuracy overall and per task type and duration; resumable with --output."""
 
     data: str = option(EXAMPLE_DATA, "questions as JSON or JSON lines: our MCQ shape, or VideoMME / MLVU / "
-                                     "LongVideoBench annotations ('example': the shipped held-out set)",
+                                     "LongVideoBench annotations (default 'example': the shipped held-out set)",
                        positional=True, nargs="?", metavar="DATA")
     video_root: str | None = option(None, "folder the items' video paths are relative to (default: DATA's "
                                           "folder)", metavar="DIR")
