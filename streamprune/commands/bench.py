@@ -28,6 +28,14 @@ def _machine() -> str:
     return f"{platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()}"
 
 
+def _host(placement) -> dict[str, str | None]:
+    """Where a bench ran: the machine, the GPU (on CUDA) and torch's version."""
+    import torch
+
+    return {"machine": _machine(), "gpu": torch.cuda.get_device_name(placement.device) if placement.is_cuda else None,
+            "torch": torch.__version__}
+
+
 def run_accuracy(config: BenchAccuracyConfig) -> int:
     _check_outputs(config)
     import torch
@@ -110,9 +118,8 @@ def run_speed(config: BenchSpeedConfig) -> int:
     print(format_speed_table(rows))
     meta = {"shape": config.shape, "layers": depth, "frames": config.frames, "device": str(placement.device),
             "dtype": dtype, "attn": placement.attn, "repeats": config.repeats, "warmup": config.warmup,
-            "decode_tokens": config.decode_tokens, "video_decode_ms": decode_ms, "machine": _machine(),
-            "gpu": torch.cuda.get_device_name(placement.device) if placement.is_cuda else None,
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+            "decode_tokens": config.decode_tokens, "video_decode_ms": decode_ms, **_host(placement),
+            "torch_threads": torch.get_num_threads()}
     if config.json:
         write_speed_json(rows, config.json, meta)
     if config.plot:
@@ -123,7 +130,6 @@ def run_speed(config: BenchSpeedConfig) -> int:
 
 def run_live(config: BenchLiveConfig) -> int:
     _check_outputs(config)
-    import torch
 
     from streamprune.bench.live import check_source, format_live_table, plot_live, run_live_bench, write_live_json
     from streamprune.config.fields import question_text
@@ -157,9 +163,7 @@ def run_live(config: BenchLiveConfig) -> int:
             "kv_budget": config.memory.kv_budget, "window": config.memory.recent_frames, "model": config.model,
             "retain": config.retain, "max_new_tokens": config.max_new_tokens, "threads": config.threads,
             "ray": ray, "device": str(placement.device), "dtype": dtype, "attn": config.placement.attn,
-            "machine": _machine(),
-            "gpu": torch.cuda.get_device_name(placement.device) if placement.is_cuda else None,
-            "torch": torch.__version__}
+            **_host(placement)}
     if config.json:
         write_live_json(rows, config.json, meta)
     if config.plot:
@@ -185,9 +189,7 @@ def run_serve(config: BenchServeConfig) -> int:
     print(format_serve_table(result))
     meta = {"model": config.model, "method": config.method, "retain": config.retain, "num_frames": config.num_frames,
             "max_new_tokens": config.max_new_tokens, "max_concurrency": config.max_concurrency,
-            "threads": config.threads, "device": str(placement.device), "machine": _machine(),
-            "gpu": torch.cuda.get_device_name(placement.device) if placement.is_cuda else None,
-            "torch": torch.__version__}
+            "threads": config.threads, "device": str(placement.device), **_host(placement)}
     if config.json:
         write_serve_json(result, config.json, meta)
     if config.plot:
