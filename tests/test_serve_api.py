@@ -230,3 +230,10 @@ def test_slow_and_vanished_clients_hold_no_one_up(server, client, media):
             time.sleep(0.05)
     finally:
         stalled.close()
+
+
+def test_unknown_and_sampling_fields_are_ignored(client, media):
+    part = video_part(f"file://{media / 'clip.mp4'}")
+    plain = chat(client, [part])
+    other = chat(client, [part], temperature=0.7, top_p=0.9, user="me", frobnicate={"x": 1})
+    assert other.choices[0].message.content == plain.choices[0].message.content
