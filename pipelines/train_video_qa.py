@@ -18,6 +18,7 @@ train_metrics.json to --out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -53,9 +54,13 @@ SIZE = TinyLlavaSize(image_size=64, patch_size=8, vision_hidden=64, vision_mlp_r
                      text_hidden=128, text_intermediate=384, max_positions=1024, init_std=0.12, patch_gain=3.0)
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+# data version 4: 128 px frames (16x16 patches -> pooled 8x8 = 64 tokens a frame), 16 frames + text
+SIZE_V4 = dataclasses.replace(SIZE, image_size=128, max_positions=1280)
+
+
+def build_tokenizer(vocab: tuple[str, ...] = qa.VOCAB) -> PreTrainedTokenizerFast:
     """Word-level tokenizer over the synthetic task's vocabulary."""
-    return word_tokenizer(PROMPT_WORDS + [w for w in qa.VOCAB if w not in PROMPT_WORDS], SPECIALS)
+    return word_tokenizer(PROMPT_WORDS + [w for w in vocab if w not in PROMPT_WORDS], SPECIALS)
 
 
 def build_model(tokenizer: PreTrainedTokenizerFast, size: TinyLlavaSize,
@@ -96,7 +101,7 @@ def collate(clips: list[tuple[np.ndarray, list[tuple[str, str]]]], tokenizer: Pr
     }
 
 
-def object_maps(objects: list[qa.SceneObject], num_frames: int, side: int = qa.SIZE) -> np.ndarray:
+def object_maps(objects: list[qa.SceneObject], num_frames: int, side: int) -> np.ndarray:
     """`[T, side, side]` int8: index of the object drawn at each pixel, -1 for background."""
     maps = np.full((num_frames, side, side), -1, np.int8)
     for k, obj in enumerate(objects):
@@ -107,12 +112,12 @@ def object_maps(objects: list[qa.SceneObject], num_frames: int, side: int = qa.S
     return maps
 
 
-def dense_labels(objects: list[qa.SceneObject], num_frames: int, patches: int) -> tuple[np.ndarray, ...]:
+def dense_labels(objects: list[qa.SceneObject], num_frames: int, patches: int, side: int) -> tuple[np.ndarray, ...]:
     """Per-frame targets of the auxiliary losses. On the `patches`x`patches` patch grid: shape and
     colour class (0 = background) of the object covering most of a patch (at least a quarter of it).
     On the pooled grid (half as many rows and columns): the direction the object covering most of a
     cell has been moving (-100 where no object covers a quarter of the cell, or at its first frame)."""
-    maps = object_maps(objects, num_frames)
+    maps = object_maps(objects, num_frames, side)
     out = []
     for grid in (patches, patches // 2):
         block = maps.shape[1] // grid
@@ -128,7 +133,7 @@ def dense_labels(objects: list[qa.SceneObject], num_frames: int, patches: int) -
         for t in range(num_frames):
             shape[t][patch_owner[t] == k] = 1 + qa.SHAPES.index(obj.shape)
             colour[t][patch_owner[t] == k] = 1 + qa.COLOURS.index(obj.colour_at(t))
-            if t > obj.appear:
+            if t > obj.appear and obj.direction in qa.DIRECTIONS:  # (v4's brief objects stand still)
                 direction[t][cell_owner[t] == k] = qa.DIRECTIONS.index(obj.direction)
     return shape, colour, direction
 
@@ -189,7 +194,7 @@ def evaluate(model, items: list[qa.QAItem], tokenizer, size: TinyLlavaSize, batc
 
 
 def train_batches(batch_size: int, per_row: int, seed: int, num_frames: int, start_clip: int = 0,
-                  types: tuple[str, ...] = qa.QUESTION_TYPES):
+                  types: tuple[str, ...] = qa.QUESTION_TYPES, data=qa):
     """Endless stream of (rows, clips used so far): consecutive train clips, each with up to
     `per_row` of its questions of `types` in a random order (clips with none are skipped)."""
     rng = np.random.default_rng(seed)
@@ -197,7 +202,7 @@ def train_batches(batch_size: int, per_row: int, seed: int, num_frames: int, sta
     while True:
         rows = []
         while len(rows) < batch_size:
-            clip = qa.generate_clip(qa.clip_seed("train", index), num_frames)
+            clip = data.generate_clip(qa.clip_seed("train", index), num_frames)
             index += 1
             questions = [q[1:] for q in clip.questions if q[0] in types]
             if questions:
@@ -216,8 +221,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="directory to write the checkpoint, tokenizer and metrics to")
     p.add_argument("--seed", type=int, default=0, help="model init and question sampling seed")
-    p.add_argument("--num-frames", type=int, default=qa.NUM_FRAMES,
-                   help="frames per clip, the model's video length (16 needs ~2x the compute per step)")
+    p.add_argument("--data-version", default=qa.DATA_VERSION, choices=("3", "4"),
+                   help="synthetic QA version: 3 (8 frames of 64 px on black) or 4 (16 textured frames of 128 px)")
+    p.add_argument("--num-frames", type=int, default=None,
+                   help="frames per clip, the model's video length (default: the data version's)")
     p.add_argument("--steps", type=int, default=3000, help="optimizer steps (cosine schedule over these)")
     p.add_argument("--batch-size", type=int, default=8, help="clips per step (each with all its questions)")
     p.add_argument("--questions-per-row", type=int, default=8,
@@ -233,13 +240,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--aux-weight", type=float, default=0.5,
                    help="weight of the dense auxiliary losses (shape/colour per patch, motion per token; "
                    "see DenseHeads); 0 = question answering only")
-    p.add_argument("--types", default=",".join(qa.QUESTION_TYPES),
-                   help="comma-separated question types to train on (a focused stage); default all")
+    p.add_argument("--types", default="",
+                   help="comma-separated question types to train on (a focused stage); default all of the version's")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1 wastes least on a shared, oversubscribed CPU)")
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop training after this long (0 = no limit)")
-    add_size_flags(p, SIZE)
-    return p.parse_args(argv)
+    known, _ = p.parse_known_args(argv)
+    add_size_flags(p, SIZE_V4 if known.data_version == "4" else SIZE)
+    args = p.parse_args(argv)
+    data = qa.data_version(args.data_version)
+    args.num_frames = args.num_frames or data.NUM_FRAMES
+    args.types = args.types or ",".join(data.QUESTION_TYPES)
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -249,7 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     size = size_from_args(args)
-    tokenizer = build_tokenizer()
+    data = qa.data_version(args.data_version)
+    tokenizer = build_tokenizer(data.VOCAB)
     model = build_model(tokenizer, size, args.seed)
     if args.init_from:  # continue a previous run (its sizes must match): weights only, fresh optimizer
         model.load_state_dict(LlavaOnevisionForConditionalGeneration.from_pretrained(args.init_from).state_dict())
@@ -258,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2fM parameters, vocab %d", n_params / 1e6, len(tokenizer))
 
-    val = qa.make_items("val", args.val_clips, per_clip=2, num_frames=args.num_frames)
+    val = qa.make_items("val", args.val_clips, per_clip=2, num_frames=args.num_frames, version=args.data_version)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -266,7 +279,8 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     history, best, best_state, clips_seen = [], -1.0, None, 0
     types = tuple(t for t in args.types.split(",") if t)
-    stream = train_batches(args.batch_size, args.questions_per_row, args.seed, args.num_frames, args.start_clip, types)
+    stream = train_batches(args.batch_size, args.questions_per_row, args.seed, args.num_frames, args.start_clip, types,
+                           data)
     heads = DenseHeads(size.text_hidden)
     if args.aux_weight > 0:
         opt.add_param_group({"params": list(heads.parameters()), "weight_decay": 0.0})
@@ -287,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
             visual = args.num_frames * size.tokens_per_frame  # the video slots before the newline
             slots = (batch["input_ids"] == video_id).nonzero()[:, 1].reshape(len(rows), -1)[:, :visual]
             hidden = outputs.hidden_states[-1].gather(1, slots[..., None].expand(-1, -1, size.text_hidden))
-            labels = [dense_labels(objects, args.num_frames, patches) for _, _, objects in rows]
+            labels = [dense_labels(objects, args.num_frames, patches, size.image_size) for _, _, objects in rows]
             loss = loss + args.aux_weight * heads.loss(captured["patches"], hidden, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -315,8 +329,10 @@ def main(argv: list[str] | None = None) -> dict:
     model.load_state_dict(best_state)
     model.eval()
     val_res = evaluate(model, val, tokenizer, size, 2 * args.batch_size)
-    test_res = evaluate(model, qa.make_items("test", args.test_clips, per_clip=2, num_frames=args.num_frames), tokenizer, size, 2 * args.batch_size)
-    train_res = evaluate(model, qa.make_items("train", args.val_clips, per_clip=2, num_frames=args.num_frames), tokenizer, size, 2 * args.batch_size)
+    held_out = {split: qa.make_items(split, n, per_clip=2, num_frames=args.num_frames, version=args.data_version)
+                for split, n in (("test", args.test_clips), ("train", args.val_clips))}
+    test_res = evaluate(model, held_out["test"], tokenizer, size, 2 * args.batch_size)
+    train_res = evaluate(model, held_out["train"], tokenizer, size, 2 * args.batch_size)
     log.info("final: train %.3f val %.3f test %.3f %s", train_res["accuracy"], val_res["accuracy"],
              test_res["accuracy"], test_res["per_type"])
 
@@ -325,7 +341,7 @@ def main(argv: list[str] | None = None) -> dict:
     (out / SIDECAR).write_text(json.dumps({"prompt_template": PROMPT_TEMPLATE, "eos_token": "<eos>",
                                            "num_frames": args.num_frames}, indent=2) + "\n")
     metrics = {
-        "seed": args.seed, "data_version": qa.DATA_VERSION, "data_splits": qa.SPLITS,
+        "seed": args.seed, "data_version": data.DATA_VERSION, "data_splits": qa.SPLITS,
         "args": vars(args), "model_size": asdict(size), "parameters": n_params,
         "steps": step + 1, "train_clips_seen": clips_seen, "train_minutes": round(train_minutes, 2),
         "threads": args.threads, "torch": torch.__version__,

@@ -184,13 +184,14 @@ def _boxes_clear(a: SceneObject, b: SceneObject, handover: int) -> bool:
 
 
 def _sample_object(rng: np.random.Generator, colour: str, appear: int, num_frames: int, size: int,
-                   timing: Timing) -> SceneObject:
-    side = int(rng.integers(SIDES[0], SIDES[1] + 1))
+                   timing: Timing, sides: tuple[int, int] = SIDES, min_travel: float = MIN_TRAVEL,
+                   speed_scale: float = 1.0) -> SceneObject:
+    side = int(rng.integers(sides[0], sides[1] + 1))
     disappear = num_frames if rng.random() < 0.5 else int(rng.integers(appear + timing.min_visible, num_frames + 1))
     steps = disappear - 1 - appear
     direction = DIRECTIONS[int(rng.integers(len(DIRECTIONS)))]
-    slowest = max(timing.min_speed, MIN_TRAVEL / steps)  # short visits move faster to travel MIN_TRAVEL
-    speed = float(rng.uniform(slowest, max(slowest, min(timing.max_speed, (size - side - 4) / steps))))
+    slowest = max(timing.min_speed * speed_scale, min_travel / steps)  # short visits move faster
+    speed = float(rng.uniform(slowest, max(slowest, min(timing.max_speed * speed_scale, (size - side - 4) / steps))))
     dx, dy = _DIR_STEP[direction]
     lo, hi = side / 2 + 1, size - side / 2 - 1  # centre range that keeps the shape inside the frame
     travel = speed * steps
@@ -201,7 +202,8 @@ def _sample_object(rng: np.random.Generator, colour: str, appear: int, num_frame
     return SceneObject(colour, shape, side, appear, disappear, (sx, sy), (dx * speed, dy * speed), direction)
 
 
-def _sample_scene(rng: np.random.Generator, num_frames: int, size: int) -> list[SceneObject]:
+def _sample_scene(rng: np.random.Generator, num_frames: int, size: int, **sizes: float) -> list[SceneObject]:
+    """Two to four objects (`sizes`: `_sample_object`'s sides / min_travel / speed_scale)."""
     timing = Timing.for_frames(num_frames)
     n = int(rng.integers(2, timing.max_objects(num_frames) + 1))
     colours = [COLOURS[i] for i in rng.permutation(len(COLOURS))]
@@ -214,7 +216,7 @@ def _sample_scene(rng: np.random.Generator, num_frames: int, size: int) -> list[
         objects: list[SceneObject] = []
         for i, a in enumerate(appears):
             for _ in range(50):
-                obj = _sample_object(rng, colours[i], int(a), num_frames, size, timing)
+                obj = _sample_object(rng, colours[i], int(a), num_frames, size, timing, **sizes)
                 if all(_boxes_clear(obj, other, timing.handover) for other in objects):
                     objects.append(obj)
                     break
@@ -279,26 +281,40 @@ def clip_seed(split: str, index: int) -> int:
     return start + index
 
 
-def make_items(split: str, num_clips: int, start: int = 0, types: tuple[str, ...] = QUESTION_TYPES,
-               per_clip: int | None = None, num_frames: int = NUM_FRAMES) -> list[QAItem]:
-    """The questions (of `types`) of clips start..start+num_clips-1 of `split`, as QAItems: all of
-    them, or `per_clip` drawn at random (seeded by the clip) for a compact evaluation set.
+def make_items(split: str, num_clips: int, start: int = 0, types: tuple[str, ...] | None = None,
+               per_clip: int | None = None, num_frames: int | None = None, version: str = DATA_VERSION) -> list[QAItem]:
+    """The questions (of `types`, default all of the version's) of clips start..start+num_clips-1
+    of `split`, as QAItems: all of them, or `per_clip` drawn at random (seeded by the clip) for a
+    compact evaluation set. `version` "3" (this module) or "4" (synthetic_qa_v4, the video-like one);
+    `num_frames` defaults to the version's clip length.
 
     Items of one clip share its frame array. meta: split, seed, type, objects (ground truth).
     """
-    unknown = set(types) - set(QUESTION_TYPES)
+    data = data_version(version)
+    types = data.QUESTION_TYPES if types is None else types
+    unknown = set(types) - set(data.QUESTION_TYPES)
     if unknown:
-        raise ConfigError(f"unknown question types {sorted(unknown)}; expected some of {QUESTION_TYPES}")
+        raise ConfigError(f"unknown question types {sorted(unknown)}; expected some of {data.QUESTION_TYPES}")
     items = []
     for i in range(start, start + num_clips):
-        clip = generate_clip(clip_seed(split, i), num_frames)
+        clip = data.generate_clip(clip_seed(split, i), num_frames or data.NUM_FRAMES)
         objs = [o.as_dict() for o in clip.objects]
         questions = [q for q in clip.questions if q[0] in types]
         if per_clip is not None and len(questions) > per_clip:
             pick = np.random.default_rng([clip.seed, 1]).choice(len(questions), per_clip, replace=False)
             questions = [questions[k] for k in sorted(pick)]
         for qtype, question, answer in questions:
-                meta = {"split": split, "seed": clip.seed, "type": qtype, "objects": objs}
+                meta = {"split": split, "seed": clip.seed, "type": qtype, "objects": objs, "version": version}
                 items.append(QAItem(clip.frames, question, answer, meta))
     return items
 
+
+def data_version(version: str):
+    """The generator module of a data version: "3" (64 px on black) or "4" (video-like)."""
+    if version == DATA_VERSION:
+        import streamprune.data.synthetic_qa as module
+    elif version == "4":
+        import streamprune.data.synthetic_qa_v4 as module
+    else:
+        raise ConfigError(f"unknown data version {version!r}; expected 3 or 4")
+    return module
