@@ -59,6 +59,9 @@ def _tracks(frames: np.ndarray) -> list[dict]:
 
 
 def _answer(tracks: list[dict], question: str) -> str:
+    if question == "what colour was the object seen only briefly ?":  # v4: the one track of at most 3 frames
+        (tr,) = [tr for tr in tracks if len(tr["x"]) <= 3]
+        return tr["colours"][0]
     if question == "what colour is the object that appeared last ?":
         return max(tracks, key=lambda tr: tr["start"])["colours"][0]
     if question == "what colour is the object that appeared first ?":
@@ -118,20 +121,25 @@ def test_split_seed_ranges_are_disjoint():
         clip_seed("holdout", 0)
 
 
-@pytest.mark.parametrize("split,num_frames", [("train", 16), ("test", 16), ("train", 8)])
-def test_every_answer_is_recomputable_from_the_pixels(split, num_frames):
+@pytest.mark.parametrize("split,num_frames,version", [("train", 16, "3"), ("test", 16, "3"), ("train", 8, "3"),
+                                                      ("train", 16, "4"), ("test", 16, "4")])
+def test_every_answer_is_recomputable_from_the_pixels(split, num_frames, version):
+    """An independent tracker over the palette's exact colours (v4's textured background, distractor
+    and noise never take one) gives every answer back."""
     tracks = {}
-    for it in make_items(split, 100, num_frames=num_frames):
+    for it in make_items(split, 100, num_frames=num_frames, version=version):
         if it.meta["seed"] not in tracks:
             tracks[it.meta["seed"]] = _tracks(it.clip)
             assert len(tracks[it.meta["seed"]]) == len(it.meta["objects"])
         assert _answer(tracks[it.meta["seed"]], it.question) == it.answer, (it.meta["seed"], it.question)
 
 
-def test_answers_are_not_guessable_from_the_question_alone():
+@pytest.mark.parametrize("version", ["3", "4"])
+def test_answers_are_not_guessable_from_the_question_alone(version):
     """No question type is dominated by one answer, so a model must look at the video."""
-    items = make_items("train", 400)
-    for qtype in ("last_colour", "first_colour", "first_shape", "last_shape", "direction", "shape_of", "change"):
+    items = make_items("train", 400, version=version)
+    for qtype in ("last_colour", "first_colour", "first_shape", "last_shape", "direction", "shape_of", "change",
+                  *(("brief_colour",) if version == "4" else ())):
         answers = [it.answer for it in items if it.meta["type"] == qtype]
         top = max(answers.count(a) for a in set(answers))
         assert top / len(answers) < 0.45, qtype
@@ -191,3 +199,27 @@ def test_default_videoqa_checkpoint_loads_offline_and_answers_a_held_out_questio
 
     items = make_items("test", 1, start=FIXED_TEST_CLIP, types=(FIXED_TYPE,), num_frames=sidecar["num_frames"])
     assert answer(items[0]) == [tok.convert_tokens_to_ids(items[0].answer), eos]
+
+
+def test_v4_same_seed_same_bytes_and_video_like_shape():
+    from streamprune.data import synthetic_qa_v4 as v4
+
+    a, b = v4.generate_clip(clip_seed("test", 7)), v4.generate_clip(clip_seed("test", 7))
+    assert np.array_equal(a.frames, b.frames) and a.questions == b.questions
+    assert a.frames.shape == (16, 128, 128, 3) and a.frames.dtype == np.uint8
+    scenes = [v4.generate_clip(clip_seed("train", i)).scene for i in range(200)]
+    assert 0.35 < np.mean([s.pan != (0.0, 0.0) for s in scenes]) < 0.65  # some clips pan
+    assert 0.12 < np.mean([s.cut is not None for s in scenes]) < 0.38  # some cut
+    assert 0.3 < np.mean([s.distractor is not None for s in scenes]) < 0.6
+    assert 0.25 < np.mean([s.brief is not None for s in scenes]) < 0.5
+    assert all(w in v4.VOCAB for q in a.questions for w in q[1].split() + [q[2]])
+
+
+def test_v4_background_is_textured_and_never_a_palette_colour():
+    from streamprune.data import synthetic_qa_v4 as v4
+
+    tex = v4.texture(np.random.default_rng(0), 128, 128)
+    assert tex.std() > 5  # not flat
+    assert tex.max() <= 190 and (tex.max(-1).astype(int) - tex.min(-1)).max() <= 60
+    for rgb in PALETTE.values():
+        assert max(rgb) > 190  # so no background or distractor pixel can equal one

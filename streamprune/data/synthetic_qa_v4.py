@@ -5,11 +5,12 @@ of them background that never changes, which no pruning method can tell from an 
 keeps its objects, rules and questions and puts them in footage shaped like video:
 
 - 16 frames of 128 px: 64 tokens a frame for the default model (patch 8, 2x2 pooling);
-- a static, textured background (value noise in three octaves, muted colours) that in 40% of the
-  clips pans slowly (0.3-1 px a frame) and in 25% cuts once to another texture;
+- a static, textured background (value noise in three octaves, muted colours) that in half the
+  clips pans slowly (0.3-1.5 px a frame) and in 25% cuts once to another texture;
 - two to four small objects (16-28 px: one to four tokens) that appear one after another, move,
   may change colour once and may leave, exactly as in version 3 at twice the size and speed;
 - in half the clips a grey textured distractor that drifts across (never an answer, never counted);
+- sensor noise (sigma 2 grey levels, fresh each frame) on everything but the objects;
 - in 40% of the clips one more object shown for only 2-3 frames, asked about by `brief_colour`:
   a short event in a long clip, which uniform frame or token dropping misses.
 
@@ -142,8 +143,12 @@ def _distractor(rng: np.random.Generator, objects: list[SceneObject], num_frames
     return None
 
 
-def render(objects: list[SceneObject], scene: Scene, backgrounds: np.ndarray) -> np.ndarray:
-    """Background, then the distractor (dappled by the background's own texture), then the objects."""
+NOISE_SIGMA = 2.0  # sensor noise on the background and distractor, grey levels (objects stay exact colours)
+
+
+def render(objects: list[SceneObject], scene: Scene, backgrounds: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Background, then the distractor (dappled by the background's own texture), sensor noise,
+    then the objects."""
     frames = backgrounds.copy()
     num_frames, size = frames.shape[0], frames.shape[1]
     if scene.distractor is not None:
@@ -155,6 +160,8 @@ def render(objects: list[SceneObject], scene: Scene, backgrounds: np.ndarray) ->
             region = frames[t, y0:y0 + d["size"], x0:x0 + d["size"]]
             shade = (region.astype(np.int16) - region.mean()) // 3  # texture shows through
             region[stamp] = np.clip(np.array(d["rgb"]) + shade[stamp], 16, 190).astype(np.uint8)
+    noise = rng.normal(0.0, NOISE_SIGMA, size=frames.shape)
+    frames = np.clip(frames + noise, 16, 190).round().astype(np.uint8)
     for obj in objects:
         stamp = shape_mask(obj.shape, obj.size)
         for t in range(obj.appear, min(obj.disappear, num_frames)):
@@ -175,15 +182,15 @@ def generate_clip(seed: int, num_frames: int = NUM_FRAMES, size: int = SIZE) -> 
         if brief is not None:
             objects.append(brief)
             scene.brief = brief.colour
-    if rng.random() < 0.4:
+    if rng.random() < 0.5:
         angle = rng.uniform(0, 2 * np.pi)
-        speed = rng.uniform(0.3, 1.0)
+        speed = rng.uniform(0.3, 1.5)
         scene.pan = (float(speed * np.cos(angle)), float(speed * np.sin(angle)))
     if rng.random() < 0.25:
         scene.cut = int(rng.integers(4, num_frames - 3))
     if rng.random() < 0.5:
         scene.distractor = _distractor(rng, objects, num_frames, size)
-    frames = render(objects, scene, _backgrounds(rng, num_frames, size, scene))
+    frames = render(objects, scene, _backgrounds(rng, num_frames, size, scene), rng)
     questions = v3._questions(objects)  # the brief object counts among first / last / how many
     if scene.brief is not None:  # ... but it does not move, and is asked about by when it was seen
         questions = [q for q in questions if scene.brief not in q[1].split()]
