@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from streamprune import config as configs
 from streamprune.cliargs import OneLineParser, add_config_arguments, config_from_args
 from streamprune.config.commands import BenchLiveConfig
+from streamprune.config.data import BenchRedundancyConfig
 from streamprune.config.eval import EvalConfig
 from streamprune.config.serve import BenchServeConfig, ServeConfig
 from streamprune.errors import StreampruneError
@@ -66,6 +67,8 @@ BENCHES: dict[str, Command] = {
                       help="our PyAV decoding vs `ffmpeg -i FILE -f null -`"),
     "live": Command(BenchLiveConfig, "streamprune.commands.bench", "run_live",
                     help="a real-time stream per method: sustained fps, answer latency, drops, memory"),
+    "redundancy": Command(BenchRedundancyConfig, "streamprune.commands.bench", "run_redundancy",
+                          help="how static the benchmark data is, beside real footage, through one encoder"),
     "robot": Command(configs.BenchRobotConfig, "streamprune.commands.bench", "run_robot",
                      help="success and control rate per method x budget"),
     "serve": Command(BenchServeConfig, "streamprune.commands.bench", "run_serve",

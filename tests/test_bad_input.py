@@ -285,6 +285,8 @@ CASES: dict[str, Bad] = {
     "eval-unknown-method": Bad(("eval", "--methods", "no_such"), "no_such"),
     "eval-item-without-options": Bad(("eval", "{tmp}/d.json"), "options must be a list",
                                      write("d.json", '[{"video": "a.mp4", "question": "q", "answer": 0}]')),
+    "bench-accuracy-unknown-data-version": Bad(("bench", "accuracy", "--data-version", "9"), "unknown data version"),
+    "bench-redundancy-missing-video": Bad(("bench", "redundancy", "{tmp}/none.mp4"), "video file not found"),
     "serve-port-out-of-range": Bad(("serve", "--port", "70000"), "port must be in [0, 65535]"),
     "serve-media-dir-missing": Bad(("serve", "--allowed-local-media-path", "{tmp}/nowhere"), "is not a directory"),
     "serve-port-in-use": Bad(("serve", "--model", "{llava}", "--port", "{port}"), "cannot listen on",

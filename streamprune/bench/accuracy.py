@@ -55,12 +55,21 @@ def prefill_flops(adapter: VideoLLMAdapter, n_text: int, visual_per_layer: list[
     return sum(4 * n * d * d + 2 * n * n * d + 2 * n * d * m for n in (n_text + v for v in visual_per_layer))
 
 
+def trained_data_version(adapter: VideoLLMAdapter) -> str:
+    """The synthetic QA version a model was trained on (its train_metrics.json), else version 3."""
+    metrics = Path(adapter.model_dir or "") / "train_metrics.json"
+    if adapter.model_dir is not None and metrics.is_file():
+        return str(json.loads(metrics.read_text()).get("data_version", "3"))
+    return "3"
+
+
 def run_accuracy_bench(adapter: VideoLLMAdapter, methods: list[str], retains: list[float], n: int,
-                       seed: int = 0, max_new_tokens: int = 4, progress: bool = True) -> list[BenchRow]:
+                       seed: int = 0, max_new_tokens: int = 4, progress: bool = True,
+                       data_version: str = "3") -> list[BenchRow]:
     """Rows for `none` at retain 1 and every method x retain, on the first `n` test questions."""
-    items = make_items("test", num_clips=n)[:n]
+    items = make_items("test", num_clips=n, version=data_version)[:n]
     while len(items) < n:  # clips carry a variable number of questions
-        items = make_items("test", num_clips=2 * n)[:n]
+        items = make_items("test", num_clips=2 * n, version=data_version)[:n]
     recipes: list[tuple[str, float, PruningRecipe]] = [("none", 1.0, adapter.recipe("none", retain=1.0))]
     recipes += [(m, r, adapter.recipe(m, retain=r)) for m in methods if m != "none" for r in retains]
     groups = encoder_groups([p for _, _, p in recipes])

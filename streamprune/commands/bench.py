@@ -11,6 +11,7 @@ from pathlib import Path
 
 from streamprune.config import BenchAccuracyConfig, BenchDecodeConfig, BenchRobotConfig, BenchSpeedConfig
 from streamprune.config.commands import BenchLiveConfig
+from streamprune.config.data import BenchRedundancyConfig
 from streamprune.config.serve import BenchServeConfig
 from streamprune.errors import ConfigError, InputError
 from streamprune.outputs import check_output, write_text
@@ -40,16 +41,21 @@ def run_accuracy(config: BenchAccuracyConfig) -> int:
     _check_outputs(config)
     import torch
 
-    from streamprune.bench.accuracy import format_table, plot, run_accuracy_bench, write_json
+    from streamprune.bench.accuracy import format_table, plot, run_accuracy_bench, trained_data_version, write_json
+    from streamprune.data.synthetic_qa import data_version
     from streamprune.models import load_model
 
     methods = method_names(config.methods)
+    if config.data_version is not None:
+        data_version(config.data_version)  # an unknown version fails before the model loads
     adapter = load_model(config.model, config.placement)
+    version = config.data_version or trained_data_version(adapter)
     rows = run_accuracy_bench(adapter, methods, list(config.retain), config.n, seed=config.seed,
-                              progress=sys.stderr.isatty())
+                              progress=sys.stderr.isatty(), data_version=version)
+    print(f"synthetic QA data version {version}, {config.n} held-out test questions")
     print(format_table(rows))
     meta = {"model": str(adapter.model_dir), "family": adapter.family, "n": config.n, "retains": list(config.retain),
-            "machine": _machine(),
+            "data_version": version, "machine": _machine(),
             "torch_threads": torch.get_num_threads()}
     if config.json:
         write_json(rows, config.json, meta)
@@ -195,4 +201,35 @@ def run_serve(config: BenchServeConfig) -> int:
     if config.plot:
         plot_serve(result, config.plot, f"bench serve: {config.method}, {config.requests} requests, "
                                         f"{placement.describe()}")
+    return 0
+
+
+def run_redundancy(config: BenchRedundancyConfig) -> int:
+    _check_outputs(config)
+    from streamprune.bench.redundancy import (format_redundancy_table, measure, synthetic_source, video_source,
+                                              write_redundancy_json)
+    from streamprune.data.synthetic_qa import data_version
+    from streamprune.models import load_model, resolve_placement
+
+    for version in config.versions:
+        data_version(version)  # an unknown version fails before the model loads
+    for video in config.videos:
+        if not Path(video).is_file():
+            raise InputError(f"video file not found: {video}")
+    adapter = load_model(config.model, config.placement)
+    sources = [synthetic_source(v, config.clips) for v in config.versions]
+    for video in config.videos:
+        try:
+            sources.append(video_source(video, config.fps, config.frames, config.windows))
+        except ValueError as err:
+            raise InputError(str(err)) from None
+    rows = measure(adapter, sources, config.threshold, config.level)
+    grid = adapter.encode(sources[0].clips[0][:2]).tokens.grid if sources else None
+    print(f"encoder: {config.model} ({adapter.family}, {grid[1]}x{grid[2]} tokens a frame); token unchanged at "
+          f"cosine >= {config.threshold:g}; cell unchanged below {config.level:g} grey levels")
+    print(format_redundancy_table(rows))
+    if config.json:
+        write_redundancy_json(rows, config.json, {"model": config.model, "threshold": config.threshold,
+                                                  "level": config.level, "fps": config.fps,
+                                                  **_host(resolve_placement(config.placement))})
     return 0

@@ -248,6 +248,8 @@ class BenchAccuracyConfig:
     retain: list[float] = option((1.0, 0.5, 0.25, 0.1), "comma-separated budgets (default 1,0.5,0.25,0.1)",
                                  parse=retain_list)
     n: int = option(300, "held-out questions (default 300)", parse=positive_int)
+    data_version: str | None = option(None, "synthetic QA data version: 3 (64 px on black) or 4 (video-like); "
+                                            "default: the one the model was trained on", metavar="V")
     seed: int = seed_option()
     placement: DeviceConfig = field(default_factory=DeviceConfig)
     json: str | None = option(None, "write rows and run metadata as JSON", metavar="FILE")
