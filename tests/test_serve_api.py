@@ -113,6 +113,14 @@ def test_http_video_url_is_fetched(client, media):
         assert by_http.choices[0].message.content == by_file.choices[0].message.content
         with pytest.raises(openai.BadRequestError, match="HTTP 404"):
             chat(client, [video_part(f"{base}/missing.mp4")])
+        from PIL import Image
+
+        frames = decode_frames(media / "clip.mp4", fps=4.0, max_frames=4)
+        for i, frame in enumerate(frames):
+            Image.fromarray(frame.image).save(media / f"frame{i}.png")
+        parts = [{"type": "image_url", "image_url": {"url": f"{base}/frame{i}.png"}} for i in range(len(frames))]
+        by_urls = chat(client, parts)
+        assert by_urls.model_extra["streamprune"]["frames"] == len(frames) == 4 and by_urls.choices[0].message.content
     finally:
         httpd.shutdown()
 
