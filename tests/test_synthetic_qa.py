@@ -223,3 +223,14 @@ def test_v4_background_is_textured_and_never_a_palette_colour():
     assert tex.max() <= 190 and (tex.max(-1).astype(int) - tex.min(-1)).max() <= 60
     for rgb in PALETTE.values():
         assert max(rgb) > 190  # so no background or distractor pixel can equal one
+
+
+def test_v4_brief_object_never_makes_a_count_past_four():
+    from streamprune.data import synthetic_qa_v4 as v4
+    from streamprune.data.synthetic_qa import SceneObject
+
+    squares = [SceneObject(c, "square", 16, 0, 16, (20.0 + 28 * i, 20.0), (0.0, 0.0), "right")
+               for i, c in enumerate(("red", "green", "blue", "yellow"))]
+    for seed in range(30):
+        brief = v4._brief_object(np.random.default_rng(seed), "white", squares, 16, 128)
+        assert brief is None or brief.shape != "square"

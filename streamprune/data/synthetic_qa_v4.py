@@ -114,6 +114,8 @@ def _brief_object(rng: np.random.Generator, colour: str, objects: list[SceneObje
         side = int(rng.integers(SIDES[0], SIDES[1] + 1))
         centre = tuple(float(rng.uniform(side / 2 + 1, size - side / 2 - 1)) for _ in range(2))
         shape = v3.SHAPES[int(rng.integers(len(v3.SHAPES)))]
+        if sum(o.shape == shape for o in objects) >= len(v3.NUMBERS) - 1:
+            continue  # "how many" answers stop at four
         obj = SceneObject(colour, shape, side, appear, appear + visible, centre, (0.0, 0.0), "none")
         if all(v3._boxes_clear(obj, other, 2) for other in objects):
             return obj
