@@ -1,15 +1,16 @@
 """Train the default Video-LLM: a small LLaVA-OneVision, from scratch, on synthetic video QA.
 
-    python -m pipelines.train_video_qa --out streamprune/assets/default_videoqa --seed 0
-    # optional second stage, from the first one's weights, on later train clips:
-    python -m pipelines.train_video_qa --out DIR2 --init-from DIR --start-clip 24000 --warmup 50 ...
+    python -m pipelines.train_video_qa --out DIR --data-version 4 --max-minutes 110
+    # later stages, from the previous one's weights, on later train clips (each under 2 hours):
+    python -m pipelines.train_video_qa --out DIR2 --init-from DIR --start-clip 21000 --data-version 4 ...
 
 The model is the real `transformers.LlavaOnevisionForConditionalGeneration` (SigLIP vision tower,
 2-layer MLP projector, 2x2 bilinear pooling, Qwen2 decoder) at a tiny size, with a word-level
 tokenizer. Inputs are laid out exactly as the streamprune LLaVA-OneVision adapter lays them out at
-inference: T=8 frames (--num-frames; 16 doubles the cost per step and was not trained here) through `square_pixels` (SigLIP normalisation), ids = prefix + <video> x (T*16+1)
-+ suffix (the +1 is the image_newline the model appends after a video's frame tokens), and the
-answer word + <eos> as the only labelled tokens. Clips come from
+inference: the data version's T frames (3: 8 of 64 px, 16 tokens each; 4: 16 of 128 px, 64 tokens
+each) through `square_pixels` (SigLIP normalisation), ids = prefix + <video> x (T*tokens+1) + suffix
+(the +1 is the image_newline the model appends after a video's frame tokens), and the answer word +
+<eos> as the only labelled tokens. Clips come from
 `streamprune.data.synthetic_qa` (train seeds only); validation picks the checkpoint, the test split
 is scored once at the end. Writes safetensors weights, tokenizer, streamprune.json and
 train_metrics.json to --out.
@@ -44,6 +45,7 @@ SPECIALS = ["<pad>", "<unk>", "<eos>", "<video>", "<image>"]
 PROMPT_WORDS = ["question", ":", "answer"]
 PROMPT_TEMPLATE = "<video> question : {question} answer :"
 IGNORE = -100
+MAX_OBJECTS = 5  # objects in a clip: up to four, plus version 4's brief one
 
 
 # 64 px frames in 8 px patches -> 8x8 -> pooled 4x4 = 16 tokens. init_std 0.12: at this width 0.02
@@ -116,7 +118,8 @@ def dense_labels(objects: list[qa.SceneObject], num_frames: int, patches: int, s
     """Per-frame targets of the auxiliary losses. On the `patches`x`patches` patch grid: shape and
     colour class (0 = background) of the object covering most of a patch (at least a quarter of it).
     On the pooled grid (half as many rows and columns): the direction the object covering most of a
-    cell has been moving (-100 where no object covers a quarter of the cell, or at its first frame)."""
+    cell has been moving (-100 where no object covers a quarter of the cell, or at its first frame),
+    and that object's rank in order of appearance (0 = first to appear; -100 on background)."""
     maps = object_maps(objects, num_frames, side)
     out = []
     for grid in (patches, patches // 2):
@@ -129,35 +132,48 @@ def dense_labels(objects: list[qa.SceneObject], num_frames: int, patches: int, s
     shape = np.zeros(patch_owner.shape, np.int64)
     colour = np.zeros(patch_owner.shape, np.int64)
     direction = np.full(cell_owner.shape, IGNORE, np.int64)
+    rank = np.full(cell_owner.shape, IGNORE, np.int64)
+    order = sorted(range(len(objects)), key=lambda k: objects[k].appear)
     for k, obj in enumerate(objects):
+        rank[cell_owner == k] = order.index(k)
         for t in range(num_frames):
             shape[t][patch_owner[t] == k] = 1 + qa.SHAPES.index(obj.shape)
             colour[t][patch_owner[t] == k] = 1 + qa.COLOURS.index(obj.colour_at(t))
             if t > obj.appear and obj.direction in qa.DIRECTIONS:  # (v4's brief objects stand still)
                 direction[t][cell_owner[t] == k] = qa.DIRECTIONS.index(obj.direction)
-    return shape, colour, direction
+    return shape, colour, direction, rank
 
 
 class DenseHeads(torch.nn.Module):
     """Auxiliary heads used only in training (not saved): per patch, from the projector's output,
     the shape and colour of the object there; per visual token, from the decoder's last hidden
-    state, the way that object has been moving. The question-answer loss alone teaches shapes and
-    motion slowly (they stalled near chance while colour questions were solved); these dense
-    targets give every token a label."""
+    state, the way that object has been moving and its rank in order of appearance. The
+    question-answer loss alone teaches shapes and motion slowly (they stalled near chance while
+    colour questions were solved); these dense targets give every token a label. The rank target
+    was added for data version 4: with 1024 visual tokens a linear probe read every object's colour
+    from the projector at 99% while "first / last colour" questions stayed near 45%, i.e. ordering
+    objects in time, not seeing them, was what the decoder had not learnt."""
 
     def __init__(self, width: int) -> None:
         super().__init__()
         self.shape = torch.nn.Linear(width, 1 + len(qa.SHAPES))
         self.colour = torch.nn.Linear(width, 1 + len(qa.COLOURS))
         self.direction = torch.nn.Linear(width, len(qa.DIRECTIONS))
+        self.rank = torch.nn.Linear(width, MAX_OBJECTS)
 
-    def loss(self, patch_features: torch.Tensor, token_hidden: torch.Tensor, labels: list[tuple]) -> torch.Tensor:
-        """patch_features `[B*T, P, W]`, token_hidden `[B, T*C, W]`; labels per row from `dense_labels`."""
-        shape, colour, direction = (torch.from_numpy(np.stack([lab[i] for lab in labels])).reshape(-1) for i in range(3))
-        flat = patch_features.reshape(-1, patch_features.shape[-1])
+    def loss(self, patch_features: torch.Tensor, token_hidden: torch.Tensor, labels: list[tuple],
+             patches: bool = True) -> torch.Tensor:
+        """patch_features `[B*T, P, W]`, token_hidden `[B, T*C, W]`; labels per row from `dense_labels`;
+        `patches=False` leaves out the per-patch terms (a frozen vision tower)."""
+        shape, colour, direction, rank = (torch.from_numpy(np.stack([lab[i] for lab in labels])).reshape(-1)
+                                          for i in range(4))
         tokens = token_hidden.reshape(-1, token_hidden.shape[-1])
-        return (F.cross_entropy(self.shape(flat), shape) + F.cross_entropy(self.colour(flat), colour)
-                + F.cross_entropy(self.direction(tokens), direction, ignore_index=IGNORE))
+        total = (F.cross_entropy(self.direction(tokens), direction, ignore_index=IGNORE)
+                 + F.cross_entropy(self.rank(tokens), rank, ignore_index=IGNORE))
+        if patches:
+            flat = patch_features.reshape(-1, patch_features.shape[-1])
+            total = total + F.cross_entropy(self.shape(flat), shape) + F.cross_entropy(self.colour(flat), colour)
+        return total
 
 
 def exact_match(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -240,12 +256,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--aux-weight", type=float, default=0.5,
                    help="weight of the dense auxiliary losses (shape/colour per patch, motion per token; "
                    "see DenseHeads); 0 = question answering only")
+    p.add_argument("--freeze-vision", action="store_true",
+                   help="train the decoder only, keeping the vision tower and projector as --init-from has them "
+                   "(after pipelines/train_video_perception.py); the per-patch auxiliary losses are then off")
     p.add_argument("--types", default="",
                    help="comma-separated question types to train on (a focused stage); default all of the version's")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1 wastes least on a shared, oversubscribed CPU)")
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop training after this long (0 = no limit)")
-    known, _ = p.parse_known_args(argv)
+    version = argparse.ArgumentParser(add_help=False)  # the size flags' defaults follow --data-version
+    version.add_argument("--data-version", default=qa.DATA_VERSION)
+    known, _ = version.parse_known_args(argv)
     add_size_flags(p, SIZE_V4 if known.data_version == "4" else SIZE)
     args = p.parse_args(argv)
     data = qa.data_version(args.data_version)
@@ -267,13 +288,18 @@ def main(argv: list[str] | None = None) -> dict:
     if args.init_from:  # continue a previous run (its sizes must match): weights only, fresh optimizer
         model.load_state_dict(LlavaOnevisionForConditionalGeneration.from_pretrained(args.init_from).state_dict())
         log.info("initialised from %s", args.init_from)
+    if args.freeze_vision:
+        for name, param in model.named_parameters():
+            if "vision_tower" in name or "multi_modal_projector" in name:
+                param.requires_grad_(False)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2fM parameters, vocab %d", n_params / 1e6, len(tokenizer))
 
     val = qa.make_items("val", args.val_clips, per_clip=2, num_frames=args.num_frames, version=args.data_version)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in trainable if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
     t0 = time.perf_counter()
@@ -301,11 +327,11 @@ def main(argv: list[str] | None = None) -> dict:
             visual = args.num_frames * size.tokens_per_frame  # the video slots before the newline
             slots = (batch["input_ids"] == video_id).nonzero()[:, 1].reshape(len(rows), -1)[:, :visual]
             hidden = outputs.hidden_states[-1].gather(1, slots[..., None].expand(-1, -1, size.text_hidden))
-            labels = [dense_labels(objects, args.num_frames, patches, size.image_size) for _, _, objects in rows]
-            loss = loss + args.aux_weight * heads.loss(captured["patches"], hidden, labels)
+            labels = [dense_labels(objects, args.num_frames, patches, frames.shape[1]) for frames, _, objects in rows]
+            loss = loss + args.aux_weight * heads.loss(captured["patches"], hidden, labels, patches=not args.freeze_vision)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for _, p in trainable], 1.0)
         opt.step()
         acc = token_accuracy(outputs.logits.detach(), batch["labels"])
         running_loss = 0.98 * running_loss + 0.02 * outputs.loss.item() if step else outputs.loss.item()  # QA only

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streamprune.data.synthetic_qa import clip_seed, generate_clip
+from streamprune.data.synthetic_qa import clip_seed, data_version
 from streamprune.memory import MemoryConfig
-from streamprune.models.default import TRAINED_DIR
+from streamprune.models.default import TRAINED_DIR, trained_data_version
 from streamprune.config import LiveConfig
 from streamprune.runtime.live_runner import LiveRunner
 from streamprune.runtime.live_stages import LocalStages
@@ -18,14 +18,16 @@ from streamprune.sources import open_source
 from streamprune.videofile import write_video
 
 QUESTION = "what colour is the object that appeared last ?"
-FRAMES = 8  # the clip length the default model was trained on
-TOKENS_PER_FRAME = 16  # 64 px, patch 8 -> 8x8 -> pooled 4x4
+DATA = data_version(trained_data_version(TRAINED_DIR))  # the synthetic QA the default model was trained on
+FRAMES = DATA.NUM_FRAMES  # its clip length
+TOKENS_PER_FRAME = (DATA.SIZE // 8 // 2) ** 2  # patch 8, 2x2 pooling
 
 pytestmark = pytest.mark.skipif(not (TRAINED_DIR / "config.json").is_file(), reason="no trained default model")
 
 
-def _last_colour(clip) -> str:
-    return max(clip.objects, key=lambda o: o.appear).colour
+def _last_colour(clip) -> str | None:
+    """The clip's own answer to QUESTION (None where the clip does not ask it)."""
+    return next((answer for kind, _, answer in clip.questions if kind == "last_colour"), None)
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +52,17 @@ def _play(stages: LocalStages, path: Path, max_frames: int | None = None):
         runner.stop()
 
 
+def _two_scenes():
+    clips = (DATA.generate_clip(clip_seed("test", i)) for i in range(50))
+    first = next(c for c in clips if _last_colour(c))
+    return first, next(c for c in clips if _last_colour(c) not in (None, _last_colour(first)))
+
+
 def test_a_question_after_a_scene_change_is_answered_about_the_new_scene(stages, tmp_path):
     """Two held-out clips whose last-appearing objects differ in colour, played back to back as one
     H.264 stream: asked after the first clip the model names the first clip's colour, asked at the
     end it names the second's; memory then holds only the new scene (budget = one clip)."""
-    first = generate_clip(clip_seed("test", 0))
-    second = next(c for c in (generate_clip(clip_seed("test", i)) for i in range(1, 50))
-                  if _last_colour(c) != _last_colour(first))
+    first, second = _two_scenes()
     path = write_video(tmp_path / "two_scenes.mp4", np.concatenate([first.frames, second.frames]), fps=8)
     before = _play(stages, path, max_frames=FRAMES)
     assert before.text.strip() == _last_colour(first)

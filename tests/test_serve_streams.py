@@ -14,12 +14,15 @@ import numpy as np
 import pytest
 
 from streamprune.config.serve import ServeConfig
-from streamprune.data.synthetic_qa import clip_seed, generate_clip
+from streamprune.data.synthetic_qa import clip_seed, data_version
+from streamprune.models.default import TRAINED_DIR, trained_data_version
 from streamprune.serve.app import create_server
 from streamprune.videofile import write_video
 
 openai = pytest.importorskip("openai")
 QUESTION = "what colour is the object that appeared last ?"
+DATA = data_version(trained_data_version(TRAINED_DIR))  # the synthetic QA the default model was trained on
+CLIP_TOKENS = DATA.NUM_FRAMES * (DATA.SIZE // 8 // 2) ** 2  # one clip's visual tokens (patch 8, 2x2 pooling)
 
 
 @pytest.fixture(scope="module")
@@ -86,13 +89,15 @@ def test_two_questions_seconds_apart_are_answered_about_the_recent_stream(server
 def test_a_stream_is_answered_about_its_newest_scene(server, media):
     """Two held-out clips whose last objects differ in colour, played as one real-time H.264 file
     stream with a one-clip memory: once it ended, the answer names the second clip's colour."""
-    def last(clip):
-        return max(clip.objects, key=lambda o: o.appear).colour
+    def last(clip):  # the clip's own answer to QUESTION, None where it does not ask it
+        return next((answer for kind, _, answer in clip.questions if kind == "last_colour"), None)
 
-    first = generate_clip(clip_seed("test", 0))
-    second = next(c for c in (generate_clip(clip_seed("test", i)) for i in range(1, 50)) if last(c) != last(first))
+    clips = (DATA.generate_clip(clip_seed("test", i)) for i in range(50))
+    first = next(c for c in clips if last(c))
+    second = next(c for c in clips if last(c) not in (None, last(first)))
     path = write_video(media / "two_scenes.mp4", np.concatenate([first.frames, second.frames]), fps=8)
-    _, stream = call(server, "POST", "/v1/streams", {"source": f"file:{path}", "fps": 8, "kv_budget": 128})
+    _, stream = call(server, "POST", "/v1/streams", {"source": f"file:{path}", "fps": 8,
+                                                     "kv_budget": CLIP_TOKENS})
     sid = stream["id"]
     wait_until(lambda: call(server, "GET", f"/v1/streams/{sid}")[1]["status"] == "ended")
     answer = ask(server, sid)

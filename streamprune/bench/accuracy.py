@@ -55,14 +55,6 @@ def prefill_flops(adapter: VideoLLMAdapter, n_text: int, visual_per_layer: list[
     return sum(4 * n * d * d + 2 * n * n * d + 2 * n * d * m for n in (n_text + v for v in visual_per_layer))
 
 
-def trained_data_version(adapter: VideoLLMAdapter) -> str:
-    """The synthetic QA version a model was trained on (its train_metrics.json), else version 3."""
-    metrics = Path(adapter.model_dir or "") / "train_metrics.json"
-    if adapter.model_dir is not None and metrics.is_file():
-        return str(json.loads(metrics.read_text()).get("data_version", "3"))
-    return "3"
-
-
 def run_accuracy_bench(adapter: VideoLLMAdapter, methods: list[str], retains: list[float], n: int,
                        seed: int = 0, max_new_tokens: int = 4, progress: bool = True,
                        data_version: str = "3") -> list[BenchRow]:

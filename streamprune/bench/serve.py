@@ -28,12 +28,16 @@ from streamprune.outputs import output_file, write_text
 QUESTION = "what colour is the object that appeared last ?"
 
 
-def bench_clip(directory: Path) -> Path:
-    """A held-out synthetic clip, H.264-encoded (real PyAV encoding) into `directory`."""
-    from streamprune.data.synthetic_qa import clip_seed, generate_clip
+def bench_clip(directory: Path, model: str | None) -> Path:
+    """A held-out synthetic clip of the data version `model` was trained on, H.264-encoded (real
+    PyAV encoding) into `directory`."""
+    from streamprune.data.synthetic_qa import clip_seed, data_version
+    from streamprune.models import resolve_model_dir
+    from streamprune.models.default import trained_data_version
     from streamprune.videofile import write_video
 
-    return write_video(directory / "bench_clip.mp4", generate_clip(clip_seed("test", 0)).frames, fps=8)
+    data = data_version(trained_data_version(resolve_model_dir(model)[0]))
+    return write_video(directory / "bench_clip.mp4", data.generate_clip(clip_seed("test", 0)).frames, fps=8)
 
 
 def _post(url: str, body: bytes) -> tuple[float, int, str]:
@@ -70,7 +74,7 @@ def run_serve_bench(config: BenchServeConfig) -> dict[str, Any]:
     from streamprune.serve.app import create_server
 
     with tempfile.TemporaryDirectory() as tmp:
-        clip = Path(config.video).resolve() if config.video else bench_clip(Path(tmp))
+        clip = Path(config.video).resolve() if config.video else bench_clip(Path(tmp), config.model)
         server = create_server(ServeConfig(model=config.model, port=0, allowed_local_media_path=str(clip.parent),
                                            max_concurrency=config.max_concurrency, placement=config.placement,
                                            max_new_tokens=config.max_new_tokens)).start()

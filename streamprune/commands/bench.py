@@ -41,15 +41,16 @@ def run_accuracy(config: BenchAccuracyConfig) -> int:
     _check_outputs(config)
     import torch
 
-    from streamprune.bench.accuracy import format_table, plot, run_accuracy_bench, trained_data_version, write_json
+    from streamprune.bench.accuracy import format_table, plot, run_accuracy_bench, write_json
     from streamprune.data.synthetic_qa import data_version
     from streamprune.models import load_model
+    from streamprune.models.default import trained_data_version
 
     methods = method_names(config.methods)
     if config.data_version is not None:
         data_version(config.data_version)  # an unknown version fails before the model loads
     adapter = load_model(config.model, config.placement)
-    version = config.data_version or trained_data_version(adapter)
+    version = config.data_version or trained_data_version(adapter.model_dir)
     rows = run_accuracy_bench(adapter, methods, list(config.retain), config.n, seed=config.seed,
                               progress=sys.stderr.isatty(), data_version=version)
     print(f"synthetic QA data version {version}, {config.n} held-out test questions")

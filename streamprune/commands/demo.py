@@ -8,7 +8,7 @@ from streamprune.config import DemoConfig
 def run(config: DemoConfig) -> int:
     from streamprune.data.synthetic_qa import make_items
     from streamprune.models import load_model
-    from streamprune.models.default import TRAINED_DIR
+    from streamprune.models.default import TRAINED_DIR, trained_data_version
     from streamprune.pruning.base import PruneContext
     from streamprune.pruning.recipe import build_recipe
 
@@ -17,7 +17,7 @@ def run(config: DemoConfig) -> int:
     recipe = adapter.recipe(config.method, retain=config.retain, max_tokens=config.max_tokens)
     if adapter.model_dir != TRAINED_DIR and config.model == "default":
         print("note: the trained default model is not installed; using a tiny random model (answers are noise)")
-    items = make_items("test", num_clips=config.n)[: config.n]
+    items = make_items("test", num_clips=config.n, version=trained_data_version(adapter.model_dir))[: config.n]
     correct = 0
     for i, item in enumerate(items, 1):
         answer = adapter.answer(item.clip, item.question, recipe, PruneContext(), fps=8.0, max_new_tokens=4)

@@ -8,6 +8,7 @@ kind is built once into the user cache: it runs every code path but its outputs 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -39,3 +40,11 @@ def embedded_model_dir(name: str) -> Path:
         else:
             save_tiny("llava_onevision", cache)
     return cache
+
+
+def trained_data_version(model_dir: str | Path | None) -> str:
+    """The synthetic QA version a model was trained on (its train_metrics.json), else version 3."""
+    metrics = Path(model_dir or "") / "train_metrics.json"
+    if model_dir is not None and metrics.is_file():
+        return str(json.loads(metrics.read_text()).get("data_version", "3"))
+    return "3"
