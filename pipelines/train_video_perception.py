@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import LlavaOnevisionForConditionalGeneration, PreTrainedTokenizerFast
 
-from pipelines.train_video_qa import lr_at, object_maps
+from pipelines.train_video_qa import dense_labels, lr_at
 from streamprune.data import synthetic_qa as qa
 from streamprune.models.preprocess import square_pixels
 
@@ -38,17 +38,8 @@ log = logging.getLogger("train_video_perception")
 
 def cell_classes(objects: list[qa.SceneObject], num_frames: int, grid: int, side: int) -> tuple[np.ndarray, np.ndarray]:
     """`[T, grid, grid]` shape and colour class (0 = background) of the object covering most of each
-    cell, where it covers at least a quarter of the cell."""
-    maps = object_maps(objects, num_frames, side)
-    block = side // grid
-    counts = np.stack([(maps == k).reshape(num_frames, grid, block, grid, block).sum((2, 4))
-                       for k in range(len(objects))], -1)
-    owner = np.where(counts.max(-1) * 4 >= block * block, counts.argmax(-1), -1)
-    shape, colour = np.zeros(owner.shape, np.int64), np.zeros(owner.shape, np.int64)
-    for k, obj in enumerate(objects):
-        shape[owner == k] = 1 + qa.SHAPES.index(obj.shape)
-        for t in range(num_frames):
-            colour[t][owner[t] == k] = 1 + qa.COLOURS.index(obj.colour_at(t))
+    cell, where it covers at least a quarter of it: the QA stage's per-patch targets on any grid."""
+    shape, colour, *_ = dense_labels(objects, num_frames, grid, side)
     return shape, colour
 
 
